@@ -1,0 +1,159 @@
+"""Typed method configs and the command-line method-option syntax.
+
+Every method has a dataclass config deriving from :class:`MethodConfig`. Each field carries ``metadata={"help": ...}``
+(and ``"choices"`` for enumerations); ``validate`` checks invariants. Options arrive as strings from the command line
+and are converted by field type.
+
+Method-option syntax (``mtbench run --methods``)::
+
+    NAME[:KEY=VALUE[,KEY=VALUE...]][,NAME...]
+
+A comma-separated item that contains ``=`` but no ``:`` continues the options of the method before it, so
+``tadformer:r=32,filter=static,mtlora:r=64,lora`` is three methods. Tuple-valued options join items with ``+``
+(``lora:targets=qkv+proj``). Booleans accept ``true/false/1/0/yes/no/on/off``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+from mtbench.errors import MtbenchError
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+@dataclass
+class MethodConfig:
+    """Base of all method configs. Subclasses add fields with ``metadata={"help": ...}``."""
+
+    method_name: ClassVar[str] = "method"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check invariants of the fields. Raises :class:`MtbenchError` naming the bad value."""
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise MtbenchError(f"{self.method_name}: {f.name}={value!r} is not one of {', '.join(map(str, choices))}")
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def describe_options(cls) -> list[tuple[str, str, str]]:
+        """``[(name, default, help)]`` for ``mtbench list``."""
+        out = []
+        for f in fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            if isinstance(default, tuple):
+                default = "+".join(map(str, default))
+            help_ = f.metadata.get("help", "")
+            if f.metadata.get("choices"):
+                help_ += f" ({'|'.join(map(str, f.metadata['choices']))})"
+            out.append((f.name, str(default), help_))
+        return out
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | None = None, base: dict[str, Any] | None = None):
+        """Build a config from string (or typed) options on top of ``base`` (a variant's presets).
+
+        Raises:
+            MtbenchError: an option this method does not have, or a value of the wrong type or out of range.
+        """
+        known = {f.name: f for f in fields(cls)}
+        hints = typing.get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for source in (base or {}), (options or {}):
+            for key, raw in source.items():
+                if key not in known:
+                    raise MtbenchError(f"method {cls.method_name!r} has no option {key!r}; options: "
+                                       f"{', '.join(known) or '(none)'}")
+                values[key] = _convert(cls.method_name, key, raw, hints[key])
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
+
+    def non_default(self) -> dict[str, Any]:
+        """Fields whose value differs from the class default."""
+        default = type(self)()
+        return {k: v for k, v in self.to_dict().items() if v != default.to_dict()[k]}
+
+
+def _convert(method: str, key: str, raw: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if not isinstance(raw, str):
+        return tuple(raw) if origin is tuple and isinstance(raw, list) else raw
+    text = raw.strip()
+    try:
+        if hint is bool:
+            low = text.lower()
+            if low in _TRUE:
+                return True
+            if low in _FALSE:
+                return False
+            raise ValueError
+        if hint is int:
+            return int(text)
+        if hint is float:
+            return float(text)
+        if origin is tuple:
+            return tuple(s for s in text.split("+") if s)
+        return text
+    except ValueError:
+        kind = getattr(hint, "__name__", str(hint))
+        raise MtbenchError(f"{method}: option {key}={raw!r} is not a valid {kind}") from None
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One parsed item of ``--methods``: a method (or variant) name and its raw string options."""
+
+    name: str
+    options: dict[str, str]
+
+    def label(self) -> str:
+        opts = ",".join(f"{k}={v}" for k, v in self.options.items())
+        return f"{self.name}:{opts}" if opts else self.name
+
+
+def parse_method_specs(text: str) -> list[MethodSpec]:
+    """Parse the ``--methods`` value (syntax in the module docstring).
+
+    Raises:
+        MtbenchError: empty list, an option before any method, a malformed ``key=value`` or a repeated option.
+    """
+    specs: list[tuple[str, dict[str, str]]] = []
+    for item in (s.strip() for s in text.split(",")):
+        if not item:
+            continue
+        if ":" in item or "=" not in item:
+            name, _, rest = item.partition(":")
+            name = name.strip().lower()
+            if not name:
+                raise MtbenchError(f"missing method name in {item!r}")
+            specs.append((name, {}))
+            if not rest:
+                continue
+            item = rest
+        if not specs:
+            raise MtbenchError(f"option {item!r} comes before any method name")
+        for kv in item.split(":"):
+            key, eq, value = kv.partition("=")
+            key = key.strip()
+            if not eq or not key or not value.strip():
+                raise MtbenchError(f"malformed method option {kv!r}; expected KEY=VALUE")
+            if key in specs[-1][1]:
+                raise MtbenchError(f"option {key!r} given twice for method {specs[-1][0]!r}")
+            specs[-1][1][key] = value.strip()
+    if not specs:
+        raise MtbenchError("no method given; use e.g. --methods mtlora,lora (see `mtbench list`)")
+    return [MethodSpec(n, o) for n, o in specs]

@@ -1,0 +1,153 @@
+"""Low-rank adaptation layers shared by every LoRA-based method (LoRA, MTLoRA, TADFormer, ...).
+
+A :class:`LoRALinear` wraps a frozen ``nn.Linear`` ``W`` and adds a shared low-rank branch and, optionally, one
+low-rank branch per task:
+
+* shared (task-agnostic, TA-LoRA / TS-module):  ``y = W x + b + s · B A dropout(x)``
+* task ``t`` (task-specific, TS-LoRA):           ``y_t = W x_shared + b + s_t · B_t A_t dropout(x_t)``
+
+``s`` is a raw multiplier (MTLoRA's ``SHARED_SCALE``), not ``alpha / r``; A is initialised kaiming-uniform
+(a=√5), B zero, so every branch starts as the identity adaptation (Hu et al., ICLR 2022 §4.1; MTLoRA official
+``scale-lab/MTLoRA models/lora.py::MTLoRALinear``). Naming of the two MTLoRA kinds follows the MTLoRA paper §3.2:
+TA-LoRA = task-agnostic, TS-LoRA = task-specific.
+
+:func:`inject_lora` replaces linears in a module tree by structure (module class and attribute name, as peft's
+``target_modules`` suffix match), never by substring on parameter names.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from mtbench.errors import MtbenchError
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer with a shared LoRA branch and optional per-task LoRA branches.
+
+    Args:
+        base: the pretrained ``nn.Linear`` (kept as ``self.base``; its parameters stay where the backbone had them).
+        r: rank of the shared branch (0 disables it).
+        scale: raw multiplier ``s`` of the shared branch.
+        dropout: dropout probability on the LoRA input.
+        task_ranks: ``{task: rank}`` of task-specific branches (TS-LoRA), or None.
+        task_scale: multiplier of the task branches (MTLoRA uses the shared scale for them).
+
+    Shapes: input ``[..., in_features]``, output ``[..., out_features]``.
+
+    Raises:
+        MtbenchError: a negative rank.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        r: int,
+        scale: float = 4.0,
+        dropout: float = 0.05,
+        task_ranks: Mapping[str, int] | None = None,
+        task_scale: float | None = None,
+    ):
+        super().__init__()
+        if r < 0 or any(v <= 0 for v in (task_ranks or {}).values()):
+            raise MtbenchError(f"LoRA rank must be >= 0 (task ranks > 0), got r={r}, task ranks={task_ranks}")
+        self.base = base
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.r = int(r)
+        self.scale = float(scale)
+        self.task_scale = float(scale if task_scale is None else task_scale)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if self.r > 0:
+            self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features))
+            self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r))
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.task_A = nn.ParameterDict()
+        self.task_B = nn.ParameterDict()
+        for task, rt in (task_ranks or {}).items():
+            a = nn.Parameter(torch.empty(int(rt), self.in_features))
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            self.task_A[task] = a
+            self.task_B[task] = nn.Parameter(torch.zeros(self.out_features, int(rt)))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.task_A.keys())
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        """The parameters this wrapper adds (shared and task branches), not the base layer's."""
+        own = [self.lora_A, self.lora_B] if self.r > 0 else []
+        return own + list(self.task_A.values()) + list(self.task_B.values())
+
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        """Shared down-projection ``A dropout(x)``: ``[..., in]`` -> ``[..., r]``."""
+        return self.lora_dropout(x) @ self.lora_A.t()
+
+    def up(self, z: torch.Tensor) -> torch.Tensor:
+        """Shared up-projection with scale ``s · B z``: ``[..., r]`` -> ``[..., out]``."""
+        return (z @ self.lora_B.t()) * self.scale
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """Shared low-rank update ``s · B A dropout(x)``."""
+        if self.r == 0:
+            return x.new_zeros(*x.shape[:-1], self.out_features)
+        return self.up(self.down(x))
+
+    def task_delta(self, x: torch.Tensor, task: str) -> torch.Tensor:
+        """Task-specific update ``s_t · B_t A_t dropout(x)`` (TS-LoRA)."""
+        return (self.lora_dropout(x) @ self.task_A[task].t() @ self.task_B[task].t()) * self.task_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Shared output ``W x + b + s · B A dropout(x)``."""
+        out = self.base(x)
+        if self.r > 0:
+            out = out + self.delta(x)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale}, tasks={self.tasks}"
+
+
+def inject_lora(
+    root: nn.Module,
+    targets: Sequence[str],
+    make: Callable[[str, nn.Linear], LoRALinear | None],
+) -> dict[str, LoRALinear]:
+    """Replace every ``nn.Linear`` whose attribute name is in ``targets`` by ``make(full_name, linear)``.
+
+    Args:
+        root: module tree to modify in place.
+        targets: attribute names to match (e.g. ``("qkv", "proj", "fc1", "fc2")``, ``("reduction",)``); matching is
+            by the module's own attribute name, as peft's suffix match.
+        make: factory returning the wrapper, or None to leave that linear alone.
+
+    Returns:
+        ``{full module name: wrapper}`` of every replaced layer, in module order.
+
+    Raises:
+        MtbenchError: no module matched any target.
+    """
+    replaced: dict[str, LoRALinear] = {}
+    for name, module in list(root.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in targets and isinstance(child, nn.Linear):
+                full = f"{name}.{child_name}" if name else child_name
+                wrapper = make(full, child)
+                if wrapper is not None:
+                    setattr(module, child_name, wrapper)
+                    replaced[full] = wrapper
+    if not replaced:
+        raise MtbenchError(f"no linear layer named any of {list(targets)} found")
+    return replaced

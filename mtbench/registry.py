@@ -1,0 +1,177 @@
+"""Method registry: the only way the core reaches a method.
+
+Methods live in the top-level ``methods`` package, one file each, and register their model class with
+:func:`register_method` (a decorator keyed by a lowercase name, as timm's ``register_model`` and peft's
+``register_peft_method``). Variants are named presets of options (``mtlora_plus`` = ``mtlora`` with ``plus=true``)
+and resolve to their method.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from mtbench.config import MethodConfig, MethodSpec
+from mtbench.errors import MtbenchError
+
+
+@dataclass(frozen=True)
+class PaperCount:
+    """A #TP a paper reports, for ``mtbench params``.
+
+    Attributes:
+        options: method options that reproduce the paper's configuration (e.g. ``{"r": 16}``).
+        millions: the number printed in the paper, in millions.
+        source: where it is printed (paper and table).
+        exact: the exact count our build must give (asserted in tests), when it is known from the official code.
+        note: why ours and the paper's may differ.
+    """
+
+    options: dict[str, Any]
+    millions: float | None
+    source: str
+    exact: int | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """Everything the registry knows of a method."""
+
+    name: str
+    model_cls: type
+    config_cls: type[MethodConfig]
+    paper: str
+    code: str
+    summary: str
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    paper_counts: tuple[PaperCount, ...] = ()
+
+
+_METHODS: dict[str, MethodInfo] = {}
+_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {}
+_LOADED = False
+
+
+def register_method(
+    name: str,
+    *,
+    config: type[MethodConfig],
+    paper: str,
+    code: str,
+    summary: str,
+    variants: dict[str, dict[str, Any]] | None = None,
+    paper_counts: Sequence[PaperCount] = (),
+) -> Callable[[type], type]:
+    """Class decorator registering a :class:`mtbench.model.MultiTaskModel` subclass.
+
+    Raises:
+        ValueError: name not lowercase, or already registered (a programming error, not user input).
+    """
+
+    def deco(cls: type) -> type:
+        if name != name.lower() or not name.isidentifier():
+            raise ValueError(f"method name must be a lowercase identifier: {name!r}")
+        if name in _METHODS or name in _VARIANTS:
+            raise ValueError(f"method {name!r} registered twice")
+        config.method_name = name
+        _METHODS[name] = MethodInfo(name, cls, config, paper, code, summary, dict(variants or {}),
+                                    tuple(paper_counts))
+        for vname, preset in (variants or {}).items():
+            if vname in _METHODS or vname in _VARIANTS:
+                raise ValueError(f"variant {vname!r} registered twice")
+            _VARIANTS[vname] = (name, dict(preset))
+        cls.method_name = name
+        return cls
+
+    return deco
+
+
+def _ensure_loaded() -> None:
+    global _LOADED
+    if not _LOADED:
+        importlib.import_module("methods")
+        _LOADED = True
+
+
+def list_methods() -> list[MethodInfo]:
+    """Every registered method, in registration order."""
+    _ensure_loaded()
+    return list(_METHODS.values())
+
+
+def valid_names() -> list[str]:
+    _ensure_loaded()
+    return list(_METHODS) + list(_VARIANTS)
+
+
+def resolve(name: str) -> tuple[MethodInfo, str, dict[str, Any]]:
+    """Resolve a method or variant name to ``(method info, variant name, preset options)``.
+
+    The variant name is ``"default"`` for a plain method name.
+
+    Raises:
+        MtbenchError: unknown name (the message lists the valid names).
+    """
+    _ensure_loaded()
+    key = name.strip().lower()
+    if key in _METHODS:
+        return _METHODS[key], "default", {}
+    if key in _VARIANTS:
+        base, preset = _VARIANTS[key]
+        return _METHODS[base], key, dict(preset)
+    raise MtbenchError(f"unknown method {name!r}; valid: {', '.join(valid_names())}")
+
+
+@dataclass
+class ResolvedMethod:
+    """A method spec checked against the registry: info, variant, typed config and the run's variant key."""
+
+    info: MethodInfo
+    variant: str
+    config: MethodConfig
+    spec: MethodSpec
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def variant_key(self) -> str:
+        """Directory name of this configuration in the result store: the variant plus non-preset options."""
+        parts = [] if self.variant == "default" else [self.variant]
+        parts += [f"{k}={v}" for k, v in sorted(self.spec.options.items())]
+        return "_".join(parts) if parts else "default"
+
+    @property
+    def label(self) -> str:
+        """Row label for tables, e.g. ``mtlora (r=32)``."""
+        opts = ", ".join(f"{k}={v}" for k, v in sorted(self.spec.options.items()))
+        head = self.name if self.variant == "default" else self.variant
+        return f"{head} ({opts})" if opts else head
+
+
+def resolve_spec(spec: MethodSpec) -> ResolvedMethod:
+    """Check a parsed ``--methods`` item: known name, known options, valid values.
+
+    Raises:
+        MtbenchError: unknown method or option, or an invalid value.
+    """
+    info, variant, preset = resolve(spec.name)
+    cfg = info.config_cls.from_options(spec.options, base=preset)
+    return ResolvedMethod(info, variant, cfg, spec)
+
+
+def build_model(resolved: ResolvedMethod, backbone, tasks):
+    """Instantiate the method's model and apply its structural freezing.
+
+    Args:
+        resolved: from :func:`resolve_spec`.
+        backbone: :class:`mtbench.swin.SwinBackbone` (modified in place by methods that inject modules).
+        tasks: list of :class:`mtbench.tasks.TaskSpec`.
+    """
+    model = resolved.info.model_cls(backbone, tasks, resolved.config)
+    model.apply_trainability()
+    return model
