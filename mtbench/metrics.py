@@ -655,9 +655,9 @@ def delta_m(mt: Mapping[str, float], st: Mapping[str, float], higher_is_better: 
     ``Δm = (1/T) * sum_t (-1)^{l_t} * (M_mt,t - M_st,t) / M_st,t * 100`` where ``T`` is the number of tasks in
     ``mt``, ``l_t = 1`` when a lower metric is better for task ``t`` (normals error, depth rmse) and 0 otherwise.
 
-    Source: MTLoRA (CVPR 2024) §4.1 / TADFormer (CVPR 2025) Eq. for Δm, after Maninis et al. (ASTMT, CVPR 2019);
-    the official ``evaluation/evaluate_utils.py::calculate_multi_task_performance`` (never called there) has the
-    same form without the factor 100.
+    Source: TADFormer (CVPR 2025) Eq. (6) (``/work/shared/papers/002``), the Δm of MTLoRA (CVPR 2024) and
+    Maninis et al. (ASTMT, CVPR 2019); MTLoRA's ``evaluation/evaluate_utils.py::calculate_multi_task_performance``
+    (never called there) has the same form without the factor 100.
 
     Worked example (PASCAL-Context, references of :data:`SINGLE_TASK_REFERENCES`; MTLoRA issue #6 results)::
 

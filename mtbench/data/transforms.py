@@ -93,3 +93,33 @@ def hflip_sample(sample: dict) -> dict:
         valid = n[0] != IGNORE_INDEX
         n[0] = torch.where(valid, -n[0], n[0])
     return sample
+
+
+def to_sample(image: np.ndarray, labels: dict[str, np.ndarray], meta: dict, train_aug: bool = False) -> dict:
+    """Build a torch sample in :data:`mtbench.tasks.SAMPLE_FORMAT` from numpy arrays of equal size ``H,W``.
+
+    Args:
+        image: RGB uint8 ``[H,W,3]``.
+        labels: per task: ``semseg``/``human_parts`` integer ``[H,W]``; ``sal``/``depth``/``edge`` float ``[H,W]``;
+            ``normals`` float ``[H,W,3]`` (already using 255 for ignored / invalid pixels).
+        meta: stored in the sample unchanged (``{"id": str, "size": (H0, W0)}``).
+        train_aug: apply a random horizontal flip (p = 0.5, torch RNG).
+    """
+    out: dict = {"image": image_to_tensor(image)}
+    for k, v in labels.items():
+        if k in ("semseg", "human_parts"):
+            out[k] = torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64))
+        elif k == "normals":
+            out[k] = torch.from_numpy(np.ascontiguousarray(v.transpose(2, 0, 1), dtype=np.float32))
+        else:
+            out[k] = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)[None])
+    if train_aug and torch.rand(()).item() < 0.5:
+        hflip_sample(out)
+    out["meta"] = meta
+    return out
+
+
+def read_split_file(path) -> list[str]:
+    """Sample ids listed in a split file (one per line; blank lines and surrounding whitespace ignored)."""
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip()]
