@@ -74,7 +74,7 @@ class MultiTaskModel(nn.Module):
             return "method", "method"
         if id(param) in self._decoder_ids:
             return "decoder", "decoder"
-        for bb in self.backbones():
+        for bb in self._backbone_list:
             role = bb.role_of(param)
             if role is not None:
                 return "backbone", role
@@ -88,6 +88,7 @@ class MultiTaskModel(nn.Module):
             MtbenchError: a parameter that belongs to no category (a method forgot to declare it).
         """
         self._decoder_ids = {id(p) for p in self.decoders.parameters()}
+        self._backbone_list = self.backbones()
         for p in self.parameters():
             cat, role = self.param_category(p)
             p.requires_grad_(cat in ("method", "decoder") or role in self._unfrozen_roles)

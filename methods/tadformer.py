@@ -1,0 +1,528 @@
+"""TADFormer: Task-Adaptive Dynamic transFormer for efficient multi-task learning (Baek, Lee, Jo, Choi, Min;
+CVPR 2025, arXiv 2501.04293). Official code ``github.com/Min100KM/TADFormer@1f53b9f``
+(``models/swin_transformer_tadformer.py``, ``models/lora.py``; facts in ``shared/reference/methods.md`` §10).
+Written from the paper; the official code is used only to settle what the paper leaves open, and each place
+where the two differ is a named option.
+
+Structure (as MTLoRA, ``methods/mtlora.py``: per-task streams in the last block of each stage, passed through the
+frozen shared PatchMerging into each task's decoder; the shared stream continues to the next stage):
+
+* **TS-module** (§3.2, Eq. 1): a shared LoRA ``X_out = Φ(X) + (X W_down) W_up`` of rank ``r`` (16/32/64), raw scale
+  ``s = 4``, dropout 0.05 on ``qkv``, ``proj``, ``fc1``, ``fc2`` of every block (:class:`mtbench.lora.LoRALinear`).
+* **Task prompts** (§3.1, Fig. 4a, VPT-shallow): one learnable token per task (official ``PERTASK_LEN = 1``) of the
+  stage-1 width, initialised to ones and then ``trunc_normal(mean=1, std=1)`` in ``[-2, 2]`` (official), prepended to
+  the patch tokens at the first stage and carried through every block. Under window attention the prompts are
+  prepended to every window (rel-pos bias and shift mask on the patch x patch block only) and their outputs are
+  averaged over the windows (:func:`mtbench.swin.window_attention`, :func:`mtbench.swin.prompted_block`).
+* **Prompt upsampling** (§3.6, Fig. 6): at each PatchMerging the patches go through the frozen merge and the prompts
+  through a trainable ``Linear(C, 2C, bias=False)`` (initialised ``trunc_normal(std=0.02)`` as every official Linear).
+* **TPC operator** (§3.3, Eq. 2), last block of each stage: the task attention map ``a_i ∈ R^{H×1×N}`` between task
+  prompt ``i`` and the patch tokens, taken from that block's own MHSA, weights each head's channel slice of the
+  pre-projection attention output ``f``: ``f_i = f + S_inv(a_i ⊙ S(f))``.
+* **TA-module with the Dynamic Task Filter** (§3.4, Eq. 3-4, Fig. 5), on ``proj``, ``fc1``, ``fc2`` of the last
+  block of each stage: ``F_i = Φ(f) + s·(θ_i ⊛ (f_i W_down)) W_up`` with ``θ_i = φ(f_i W_down)``. ``W_down``/``W_up``
+  are the TS-module's own matrices of that layer (§4.1 "TS-Module and TA-Module use the same rank"; official
+  ``TAModuleLinear`` reuses ``lora_shared_A/B``), ``Φ`` is the frozen layer applied to the *shared* input (as
+  MTLoRA's task branch), ``⊛`` a channel-wise 3x3 convolution whose weights ``φ`` generates per sample: GAP ->
+  1x1 conv ``r -> 9r`` (bias) -> FilterNorm (paper ref. [57]; 'channel' type with learnable std/mean, as the
+  official ``DTF``/``FilterNorm``, which cites github.com/theFoxofSky/ddfnet). ``9r² + 27r`` parameters per
+  place, one DTF per place shared by all tasks (the task conditioning comes from the task-adapted inputs). At
+  ``proj`` the filter runs per window on the window grid (GAP per window), at ``fc1``/``fc2`` on the full HxW map,
+  as the official code runs its filter.
+  Inside the block, task ``i``: ``y_i = x + reverse(TA_proj(f_i))``, ``f̂_i = y_i + TA_fc2(act(TA_fc1(norm2(y_i))))``
+  with ``TA_fc1`` acting on ``W·norm2(x1_shared) + b`` and ``TA_fc2`` on ``W·h_shared + b`` (MTLoRA's "matrix"
+  task branch).
+* **Stage-wise gating and skip** (§3.5, Eq. 5): ``F_i = σ(g)·f_i + (1 − σ(g))·f̂_i``, one scalar ``g`` per stage
+  initialised to 0; ``f_i`` (window-reversed, unshifted) is the TPC feature. ``F_i`` goes through the frozen
+  PatchMerging to task ``i``'s decoder.
+* **Trainable** (§3.6): LoRA, DTFs, prompts, prompt upsampling, gates, all LayerNorms, relative-position tables,
+  patch embedding. PatchMerging reductions stay frozen (official ``FREEZE_DOWNSAMPLE_REDUCTION: True``).
+
+Paper vs released code (options; the paper form is the default):
+
+1. ``filter``: ``dtf`` (paper §3.4) | ``static`` (released code: the ``DTF`` class is commented out and a per-task
+   static depthwise ``Conv2d(r, r, 3, padding=1, groups=r)`` with bias, ``NaiveConvFilter``, 10r parameters per task
+   per place, is used instead).
+2. ``tpc``: ``paper`` | ``official``. paper: ``a_i`` = the softmax attention probabilities of prompt row ``i`` on the
+   patch columns; ``f_i = f + S_inv(a_i ⊙ f)`` feeds the TA-module and the skip. official: ``a_i = GELU(q·kᵀ)``
+   (pre-softmax, unscaled, no rel-pos bias); the TA input is ``LayerNorm(f + a_i ⊙ f)`` with a trainable
+   ``LayerNorm(C)`` (official ``prompt_layernorm``) that the official code builds in the ``proj`` of *every* block
+   (only the last block's of each stage is used); the skip feature is ``a_i ⊙ f`` alone (``task_skip_feature``).
+3. ``prompt_update``: ``vpt`` (paper §3.1: prompts are ordinary tokens, ``p += attn; p += mlp``) | ``official``
+   (``p_new = p + MLP(LN2(attn_out(p)))``, no residual around attention). Either way the prompts are not updated in
+   the network's final block: the official code skips it and in the paper form its result is never used.
+4. Ablations (Table 2, r = 32): ``prompts`` (task prompts + prompt upsampling; ``false`` means no prompts and
+   therefore no TPC, no gates), ``use_tpc`` (``false`` = "+TP+DTF": prompts are tuned but every task's TA input is
+   ``f`` itself; no skip, no gates), ``dtf`` (``false`` = no filter in the TA-module, ``F_i = Φ(f) + s·B A f_i``;
+   the official ``TADMTL.DTF`` switch, whatever ``filter`` says), ``skip`` (``gated`` Eq. 5 | ``mean``
+   ``(f_i + f̂_i)/2``, official ``STAGEWISEGATING: False`` | ``none``, official ``SKIPCONNECTION: False``).
+   When the task streams cannot differ (no TPC and a filter shared by all tasks, e.g. Table 2 "+DTF" and "+TP+DTF")
+   one stream is computed and every decoder receives it; without TPC and without filter (Table 2 "Baseline") the
+   last block is an ordinary TS-LoRA block and every decoder receives the shared features.
+
+Parameter counts on Swin-T at 448, PASCAL-Context (4 tasks, MTLoRA decoder 1,946,624) = 1,946,624 + 70,656·r
+(LoRA) + 23,040 (LayerNorms) + 23,322 (rel-pos) + 4,896 (patch embedding) + 384 (prompts) + 387,072 (prompt
+upsampling) + 4 (gates) + 12·(9r² + 27r) (DTF) [+ 8,832 (12 official TPC LayerNorms)]:
+
+==================================  ============  ============  ============  ============================
+configuration                       r = 16        r = 32        r = 64        paper Table 1
+==================================  ============  ============  ============  ============================
+default (dtf, tpc=paper)            3,548,670     4,767,294     7,370,430     3.56 / 4.78 / 7.38
+dtf, tpc=official                   3,557,502     4,776,126     7,379,262     3.56 / 4.78 / 7.38 (exact)
+static, tpc=official (code)         3,532,350     4,670,526     6,946,878     (released code)
+==================================  ============  ============  ============  ============================
+
+The paper's Table 1 counts were taken on the official model, which carries 12 TPC LayerNorms (9 unused, 8,832
+parameters) with the DTF: ``tpc=official`` reproduces them exactly; the paper form has no LayerNorm and is 8,832
+lower (4.77M / 7.37M at r = 32 / 64 after rounding). Variant ``tadformer_official`` = ``filter=static,
+tpc=official, prompt_update=official``, the released code.
+
+Table 2 (r = 32, ``tpc=official``): Baseline (``prompts=false,dtf=false``) 4,258,874 (paper 4.26); +TPC+TP
+(``dtf=false``) 4,655,166 (4.66); +DTF (``prompts=false``) 4,379,834 (paper 4.40: the same terms that give the
+other rows exactly give 4.38 here; no consistent build gives 4.40); +TP+DTF (``use_tpc=false``) 4,776,122 (4.78,
+"same as TADFormer": the official TPC LayerNorms are built whenever prompts are, only the 4 gates go); full
+4,776,126 (4.78). In the paper form the rows with prompts are 8,832 lower.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtbench.config import MethodConfig
+from mtbench.errors import MtbenchError
+from mtbench.lora import LoRALinear
+from mtbench.model import MultiTaskModel, nhwc_to_nchw
+from mtbench.registry import PaperCount, register_method
+from mtbench.swin import partition_windows, prompted_block, reverse_windows, window_attention
+
+_T1 = "TADFormer CVPR'25 Table 1"
+_T2 = "TADFormer CVPR'25 Table 2 (r=32)"
+_CODE = "official code Min100KM/TADFormer@1f53b9f (NaiveConvFilter), shared/reference/methods.md §10"
+_LN_NOTE = "paper form: no TPC LayerNorm, 8,832 fewer than the official model the paper counted"
+
+
+@dataclass
+class TADFormerConfig(MethodConfig):
+    r: int = field(default=16, metadata={"help": "rank r of the shared LoRA (TS-module), reused by the TA-module"})
+    scale: float = field(default=4.0, metadata={"help": "raw LoRA scale s"})
+    dropout: float = field(default=0.05, metadata={"help": "dropout on LoRA inputs"})
+    filter: str = field(default="dtf", metadata={
+        "help": "TA-module filter: dtf = input-conditioned Dynamic Task Filter shared by tasks (paper §3.4); "
+                "static = per-task static depthwise 3x3 conv (released code)", "choices": ("dtf", "static")})
+    tpc: str = field(default="paper", metadata={
+        "help": "TPC operator: paper = softmax prompt attention, f_i = f + a_i*f (Eq. 2); official = GELU(q.k) "
+                "weights, LayerNorm(f + a_i*f) as TA input, a_i*f as skip feature", "choices": ("paper", "official")})
+    prompt_update: str = field(default="vpt", metadata={
+        "help": "prompt update per block: vpt = ordinary tokens (paper); official = p + MLP(LN(attn(p)))",
+        "choices": ("vpt", "official")})
+    prompts: bool = field(default=True, metadata={
+        "help": "task prompts + prompt upsampling (false: no prompts, hence no TPC and no gates; Table 2)"})
+    use_tpc: bool = field(default=True, metadata={
+        "help": "apply the TPC operator (false = Table 2 '+TP+DTF': TA input is f itself, no skip/gates)"})
+    dtf: bool = field(default=True, metadata={
+        "help": "filter between down- and up-projection of the TA-module (false: plain shared LoRA; Table 2)"})
+    skip: str = field(default="gated", metadata={
+        "help": "skip of the TPC feature to the decoders: gated (Eq. 5) | mean (official STAGEWISEGATING off) | "
+                "none (official SKIPCONNECTION off)", "choices": ("gated", "mean", "none")})
+
+    def validate(self) -> None:
+        super().validate()
+        if self.r <= 0:
+            raise MtbenchError(f"tadformer: rank r must be > 0, got r={self.r}")
+        if not 0 <= self.dropout < 1:
+            raise MtbenchError(f"tadformer: dropout must be in [0, 1), got {self.dropout}")
+        if not self.scale > 0:
+            raise MtbenchError(f"tadformer: scale must be > 0, got {self.scale}")
+
+    @property
+    def tpc_active(self) -> bool:
+        """TPC needs the task prompts: ``prompts=false`` implies no TPC (documented, not an error)."""
+        return self.prompts and self.use_tpc
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def per_sample_depthwise(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Depthwise cross-correlation with a different ``k x k`` kernel for every (sample, channel), zero padding k//2.
+
+    One grouped convolution over the batch folded into channels (``groups = B*C``), as the official ``DTF``.
+
+    Args:
+        z: ``[B, C, H, W]``.
+        weight: ``[B, C, k, k]`` (odd ``k``).
+
+    Returns:
+        ``[B, C, H, W]``.
+    """
+    B, C, H, W = z.shape
+    k = weight.shape[-1]
+    out = F.conv2d(z.reshape(1, B * C, H, W), weight.reshape(B * C, 1, k, k), padding=k // 2, groups=B * C)
+    return out.view(B, C, H, W)
+
+
+class DynamicTaskFilter(nn.Module):
+    """Dynamic Task Filter (TADFormer §3.4, Eq. 3-4, Fig. 5): a channel-wise ``k x k`` filter generated per sample.
+
+    ``θ = FilterNorm(W_g · GAP(z) + b_g)`` with a 1x1 conv ``r -> k²r`` (``W_g``, ``b_g``), then ``θ ⊛ z``
+    depthwise with padding ``k//2``. FilterNorm ('channel' type, as the official ``FilterNorm`` taken from ddfnet):
+    per sample, each channel's ``k²`` taps are normalised to zero mean and unit (unbiased) std, then multiplied
+    by a learnable std vector and shifted by a learnable mean vector (``k²r`` each; std initialised
+    ``randn · gain(relu) / k``, mean ``randn``). Parameters: ``k²r² + 3k²r`` (``9r² + 27r`` for k = 3).
+
+    Args:
+        channels: ``r``.
+        kernel_size: ``k`` (odd).
+
+    Shapes: ``forward(z)``: ``[B, r, H, W]`` -> ``[B, r, H, W]``; :meth:`generate`: ``[B, r, H, W]`` ->
+    ``[B, r, k, k]``.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 3):
+        super().__init__()
+        self.channels = channels
+        self.kernel_size = kernel_size
+        taps = kernel_size * kernel_size
+        self.generator = nn.Linear(channels, channels * taps)  # the 1x1 conv r -> k²r on the pooled map
+        gain = nn.init.calculate_gain("relu") / kernel_size
+        self.norm_std = nn.Parameter(torch.randn(channels * taps) * gain)
+        self.norm_mean = nn.Parameter(torch.randn(channels * taps))
+
+    def generate(self, z: torch.Tensor) -> torch.Tensor:
+        B, r = z.shape[:2]
+        k = self.kernel_size
+        theta = self.generator(z.mean(dim=(2, 3))).view(B, r, k * k)
+        theta = (theta - theta.mean(-1, keepdim=True)) / (theta.std(-1, keepdim=True) + 1e-10)
+        theta = theta.reshape(B, r * k * k) * self.norm_std + self.norm_mean
+        return theta.view(B, r, k, k)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return per_sample_depthwise(z, self.generate(z))
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, kernel_size={self.kernel_size}"
+
+
+class StaticTaskFilters(nn.Module):
+    """The released code's filter (``NaiveConvFilter``): one static depthwise ``Conv2d(r, r, k, padding=k//2,
+    groups=r)`` with bias per task (``10r`` parameters per task for k = 3).
+
+    Shapes: ``forward(z)`` with ``z`` ``[T*B, r, H, W]``, tasks stacked task-major in ``tasks`` order.
+    """
+
+    def __init__(self, channels: int, tasks: list[str], kernel_size: int = 3):
+        super().__init__()
+        self.channels = channels
+        self.tasks = list(tasks)
+        self.convs = nn.ModuleDict({t: nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2,
+                                                 groups=channels) for t in tasks})
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        T, r = len(self.tasks), self.channels
+        TB, _, H, W = z.shape
+        B = TB // T
+        zt = z.view(T, B, r, H, W).transpose(0, 1).reshape(B, T * r, H, W)
+        weight = torch.cat([self.convs[t].weight for t in self.tasks])
+        bias = torch.cat([self.convs[t].bias for t in self.tasks])
+        conv = self.convs[self.tasks[0]]
+        out = F.conv2d(zt, weight, bias, padding=conv.padding, groups=T * r)
+        return out.view(B, T, r, H, W).transpose(0, 1).reshape(TB, r, H, W)
+
+
+class StageGate(nn.Module):
+    """Stage-wise gating of the skip connection (§3.5, Eq. 5): ``F = σ(g)·f + (1 − σ(g))·f̂``, ``g`` init 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.g = nn.Parameter(torch.zeros(1))
+
+    def forward(self, skip: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        w = torch.sigmoid(self.g)
+        return w * skip + (1 - w) * out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------------------
+
+_SRC_T1 = [
+    PaperCount({"r": 16, "tpc": "official"}, 3.56, _T1, exact=3_557_502,
+               note="DTF on the official model (12 TPC LayerNorms, 9 unused)"),
+    PaperCount({"r": 32, "tpc": "official"}, 4.78, _T1, exact=4_776_126,
+               note="DTF on the official model (12 TPC LayerNorms, 9 unused)"),
+    PaperCount({"r": 64, "tpc": "official"}, 7.38, _T1, exact=7_379_262,
+               note="DTF on the official model (12 TPC LayerNorms, 9 unused)"),
+    PaperCount({"r": 16}, 3.56, _T1, exact=3_548_670, note=_LN_NOTE),
+    PaperCount({"r": 32}, 4.78, _T1, exact=4_767_294, note=_LN_NOTE + " (4.77M)"),
+    PaperCount({"r": 64}, 7.38, _T1, exact=7_370_430, note=_LN_NOTE + " (7.37M)"),
+    PaperCount({"r": 16, "filter": "static", "tpc": "official"}, None, _CODE, exact=3_532_350,
+               note="released code: per-task static 3x3 filter instead of the DTF"),
+    PaperCount({"r": 32, "filter": "static", "tpc": "official"}, None, _CODE, exact=4_670_526,
+               note="released code: per-task static 3x3 filter instead of the DTF"),
+    PaperCount({"r": 64, "filter": "static", "tpc": "official"}, None, _CODE, exact=6_946_878,
+               note="released code: per-task static 3x3 filter instead of the DTF"),
+    PaperCount({"r": 32, "tpc": "official", "prompts": False, "dtf": False}, 4.26, _T2 + " Baseline",
+               exact=4_258_874),
+    PaperCount({"r": 32, "tpc": "official", "dtf": False}, 4.66, _T2 + " +TPC+TP", exact=4_655_166),
+    PaperCount({"r": 32, "tpc": "official", "prompts": False}, 4.40, _T2 + " +DTF", exact=4_379_834,
+               note="ours 4.38M: LoRA + 12 DTFs; the printed 4.40M is 0.02M more than any consistent build "
+                    "(the same terms give Baseline, +TPC+TP and full exactly)"),
+    PaperCount({"r": 32, "tpc": "official", "use_tpc": False}, 4.78, _T2 + " +TP+DTF", exact=4_776_122,
+               note="full model minus the 4 gates"),
+]
+
+
+@register_method(
+    "tadformer",
+    config=TADFormerConfig,
+    paper="TADFormer: Task-Adaptive Dynamic TransFormer for Efficient Multi-Task Learning (Baek et al., CVPR 2025)",
+    code="https://github.com/Min100KM/TADFormer (1f53b9f)",
+    summary="shared LoRA + task prompts; last block per stage: TPC (prompt attention) -> TA-module with Dynamic "
+            "Task Filter between LoRA down/up; gated skip; frozen PatchMerging + prompt upsampling",
+    variants={"tadformer_official": {"filter": "static", "tpc": "official", "prompt_update": "official"}},
+    paper_counts=_SRC_T1,
+)
+class TADFormer(MultiTaskModel):
+    """TADFormer on a Swin backbone (module docstring). ``encode`` returns per-task features from the task streams.
+
+    Attributes:
+        task_prompts: ``[T, C_1]`` prompts (None with ``prompts=false``).
+        prompt_up: ``Linear(C_s, 2C_s, bias=False)`` per PatchMerging.
+        filters: per stage ``{"proj", "fc1", "fc2"}`` -> :class:`DynamicTaskFilter` / :class:`StaticTaskFilters`.
+        gates: one :class:`StageGate` per stage (``skip=gated`` with TPC only).
+        tpc_norms: per stage, per block ``LayerNorm(C)`` (``tpc=official`` with prompts only; official layout).
+
+    Shapes: images ``[B,3,H,W]`` -> ``{task: [B,C_t,H,W]}``.
+    """
+
+    def __init__(self, backbone, tasks, cfg: TADFormerConfig):
+        super().__init__(backbone, tasks)
+        self.cfg = cfg
+        names = self.task_names
+        for i in range(backbone.num_stages):
+            for block in backbone.blocks(i):
+                for parent, attrs in ((block.attn, ("qkv", "proj")), (block.mlp, ("fc1", "fc2"))):
+                    for a in attrs:
+                        layer = LoRALinear(getattr(parent, a), cfg.r, cfg.scale, cfg.dropout)
+                        setattr(parent, a, layer)
+                        self.add_method_params(layer.lora_parameters())
+        dims = backbone.stage_dims
+        self.task_prompts = None
+        self.prompt_up = nn.ModuleList()
+        if cfg.prompts:
+            p = torch.ones(len(names), dims[0])
+            nn.init.trunc_normal_(p, mean=1.0, std=1.0, a=-2.0, b=2.0)
+            self.task_prompts = nn.Parameter(p)
+            self.prompt_up = nn.ModuleList(nn.Linear(dims[i], dims[i + 1], bias=False)
+                                           for i in range(backbone.num_stages - 1))
+            for up in self.prompt_up:  # official: the model-wide Linear init, trunc_normal(std=0.02)
+                nn.init.trunc_normal_(up.weight, std=0.02)
+            self.add_method_params([self.task_prompts])
+            self.add_method_params(self.prompt_up)
+        self.filter_kind = cfg.filter if cfg.dtf else None
+        self.filters = nn.ModuleList()
+        if self.filter_kind is not None:
+            for _ in range(backbone.num_stages):
+                make = (lambda: DynamicTaskFilter(cfg.r)) if self.filter_kind == "dtf" else (
+                    lambda: StaticTaskFilters(cfg.r, names))
+                self.filters.append(nn.ModuleDict({k: make() for k in ("proj", "fc1", "fc2")}))
+            self.add_method_params(self.filters)
+        self.tpc_norms = nn.ModuleList()
+        if cfg.prompts and cfg.tpc == "official":
+            self.tpc_norms = nn.ModuleList(nn.ModuleList(nn.LayerNorm(dims[i]) for _ in backbone.blocks(i))
+                                           for i in range(backbone.num_stages))
+            self.add_method_params(self.tpc_norms)
+        self.gates = nn.ModuleList()
+        if cfg.tpc_active and cfg.skip == "gated":
+            self.gates = nn.ModuleList(StageGate() for _ in range(backbone.num_stages))
+            self.add_method_params(self.gates)
+        self.unfreeze_backbone("patch_embed", "norm", "rel_pos")
+        self._record_stage: int | None = None
+        self._recorded: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ stream layout
+    @property
+    def num_streams(self) -> int:
+        """Distinct task streams in the last blocks: T when tasks can differ, 1 when they cannot, 0 when the last
+        block is an ordinary TS-LoRA block whose shared output every decoder receives (Table 2 "Baseline")."""
+        if self.cfg.tpc_active or self.filter_kind == "static":
+            return len(self.task_names)
+        return 1 if self.filter_kind == "dtf" else 0
+
+    # ------------------------------------------------------------------ forward
+    def encode(self, images: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        bb = self.backbone
+        x = bb.embed(images)
+        B = x.shape[0]
+        prompts = None if self.task_prompts is None else self.task_prompts.unsqueeze(0).expand(B, -1, -1)
+        residual = self.cfg.prompt_update == "vpt"
+        feats: dict[str, list[torch.Tensor]] = {t: [] for t in self.task_names}
+        for i in range(bb.num_stages):
+            blocks = bb.blocks(i)
+            for block in blocks[:-1]:
+                if prompts is None:
+                    x = block(x)
+                else:
+                    x, prompts = prompted_block(block, x, prompts, prompt_residual=residual)
+            final = i == bb.num_stages - 1
+            x, prompts, streams = self.task_block(i, blocks[-1], x, prompts, update_prompts=not final)
+            shared_tap = bb.merge(i, x)
+            if streams is None:
+                for t in self.task_names:
+                    feats[t].append(shared_tap)
+            else:
+                taps = bb.merge(i, streams).chunk(streams.shape[0] // B)
+                for j, t in enumerate(self.task_names):
+                    feats[t].append(taps[j if len(taps) > 1 else 0])
+            if not final:
+                x = shared_tap
+                if prompts is not None:
+                    prompts = self.prompt_up[i](prompts)
+        return {t: nhwc_to_nchw(f) for t, f in feats.items()}
+
+    def _filter(self, stage: int, place: str, z: torch.Tensor) -> torch.Tensor:
+        """Filter ``z`` (NHWC ``[S*M, h, w, r]``) on its ``h x w`` grid; identity without a filter."""
+        if self.filter_kind is None:
+            return z
+        out = self.filters[stage][place](z.permute(0, 3, 1, 2))
+        return out.permute(0, 2, 3, 1)
+
+    @staticmethod
+    def _add_shared(task: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+        """``task`` ``[S*M, ...]`` + ``shared`` ``[M, ...]`` broadcast over the S streams."""
+        S = task.shape[0] // shared.shape[0]
+        return (task.view(S, *shared.shape) + shared).view(task.shape)
+
+    def task_block(self, stage: int, block, x: torch.Tensor, prompts: torch.Tensor | None,
+                   update_prompts: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Task-adapting block (last block of a stage): shared stream, TPC, TA-modules, gated skip.
+
+        Args:
+            stage: stage index.
+            block: timm ``SwinTransformerBlock`` with LoRA-wrapped linears.
+            x: NHWC ``[B,H,W,C]`` shared input.
+            prompts: ``[B,T,C]`` or None.
+            update_prompts: update the prompts in this block (False in the network's final block).
+
+        Returns:
+            ``(shared output [B,H,W,C], prompts, streams)``; ``streams`` is ``[S*B,H,W,C]`` (task-major; S = T or 1)
+            ready for the PatchMerging, or None when every task uses the shared output.
+        """
+        cfg = self.cfg
+        S = self.num_streams
+        B, H, W, C = x.shape
+        attn, mlp = block.attn, block.mlp
+        P = 0 if prompts is None else prompts.shape[1]
+        shortcut = x
+        windows, ctx = partition_windows(block, block.norm1(x))
+        record = self._record_stage == stage
+        want_maps = P > 0 and (cfg.tpc_active or record)
+        out = window_attention(attn, windows, block.attn_mask, None if P == 0 else block.norm1(prompts),
+                               return_prompt_maps=want_maps)
+        vals = out.values  # [M, P+N, C], M = B*nW
+        proj_base = attn.proj.base(vals)
+        proj_sh = attn.proj_drop(proj_base + attn.proj.delta(vals))
+        x1 = shortcut + block.drop_path1(reverse_windows(block, proj_sh[:, P:], ctx))
+        n_sh = block.norm2(x1)
+        fc1_base = mlp.fc1.base(n_sh)
+        h_sh = mlp.norm(mlp.drop1(mlp.act(fc1_base + mlp.fc1.delta(n_sh))))
+        fc2_base = mlp.fc2.base(h_sh)
+        x_out = x1 + block.drop_path2(mlp.drop2(fc2_base + mlp.fc2.delta(h_sh)))
+
+        if P and update_prompts:
+            attn_p = proj_sh[:, :P].reshape(B, ctx.num_windows, P, C).mean(1)
+            if cfg.prompt_update == "vpt":
+                p = prompts + block.drop_path1(attn_p)
+                prompts = p + block.drop_path2(mlp(block.norm2(p)))
+            else:
+                prompts = prompts + block.drop_path2(mlp(block.norm2(attn_p)))
+
+        amap = None
+        if want_maps:
+            amap = out.prompt_probs if cfg.tpc == "paper" else F.gelu(out.prompt_logits)  # [M, heads, T, N]
+            if record:
+                m = amap.mean(1).transpose(1, 2)  # [M, N, T]
+                self._recorded = reverse_windows(block, m, ctx)  # [B, H, W, T]
+        if S == 0:
+            return x_out, prompts, None
+
+        # ---- TPC (Eq. 2): task-adapted features f_i from the prompt attention maps
+        f = vals[:, P:]  # pre-projection attention output of the patches, [M, N, C]
+        M, N = f.shape[:2]
+        skip = None
+        if cfg.tpc_active:
+            heads = amap.shape[1]
+            weights = amap.permute(2, 0, 3, 1).unsqueeze(-1)  # [T, M, N, heads, 1]
+            weighted = (f.reshape(1, M, N, heads, C // heads) * weights).reshape(S * M, N, C)
+            f_rep = f.unsqueeze(0).expand(S, M, N, C).reshape(S * M, N, C)
+            if cfg.tpc == "paper":
+                ta_in = f_rep + weighted
+                skip = ta_in
+            else:
+                ta_in = self.tpc_norms[stage][-1](f_rep + weighted)
+                skip = weighted
+        else:
+            ta_in = f if S == 1 else f.unsqueeze(0).expand(S, M, N, C).reshape(S * M, N, C)
+
+        # ---- TA-module at proj (Eq. 3-4), filter per window on the window grid
+        wh, ww = block.window_size
+        proj = attn.proj
+        z = self._filter(stage, "proj", proj.down(ta_in).view(S * M, wh, ww, -1)).reshape(S * M, N, -1)
+        ta = attn.proj_drop(self._add_shared(proj.up(z), proj_base[:, P:]))
+        y = shortcut.unsqueeze(0) + block.drop_path1(reverse_windows(block, ta, ctx)).view(S, B, H, W, C)
+        y = y.view(S * B, H, W, C)
+
+        # ---- TA-modules at fc1 / fc2, filter on the full H x W map
+        fc1, fc2 = mlp.fc1, mlp.fc2
+        z = self._filter(stage, "fc1", fc1.down(block.norm2(y)))
+        h = mlp.norm(mlp.drop1(mlp.act(self._add_shared(fc1.up(z), fc1_base))))
+        z = self._filter(stage, "fc2", fc2.down(h))
+        streams = y + block.drop_path2(mlp.drop2(self._add_shared(fc2.up(z), fc2_base)))
+
+        # ---- stage-wise gated skip (Eq. 5)
+        if skip is not None and cfg.skip != "none":
+            skip = reverse_windows(block, skip, ctx)
+            streams = self.gates[stage](skip, streams) if cfg.skip == "gated" else 0.5 * (skip + streams)
+        return x_out, prompts, streams
+
+    # ------------------------------------------------------------------ visualisation (Fig. 7)
+    @torch.no_grad()
+    def task_attention_maps(self, images: torch.Tensor, stage: int = 0) -> dict[str, torch.Tensor]:
+        """Task attention maps of the last block of ``stage`` (paper Fig. 7), for drawing.
+
+        The map is the TPC weighting ``a_i`` (``tpc=paper``: softmax probabilities of prompt ``i`` on the patches;
+        ``tpc=official``: GELU of the unscaled logits), averaged over heads, with the windows reassembled on the
+        stage's ``H_s x W_s`` grid and the cyclic shift undone. Runs in eval mode (the mode is restored).
+
+        Args:
+            images: ``[B,3,H,W]``.
+            stage: stage index (0 = first stage, the finest grid).
+
+        Returns:
+            ``{task: [B, H_s, W_s]}``.
+
+        Raises:
+            MtbenchError: ``prompts=false`` (no prompts, no maps) or a stage out of range.
+        """
+        if self.task_prompts is None:
+            raise MtbenchError("tadformer: task attention maps need task prompts (prompts=true)")
+        n = self.backbone.num_stages
+        if not 0 <= stage < n:
+            raise MtbenchError(f"tadformer: stage must be in 0..{n - 1}, got {stage}")
+        self.check_input(images)
+        was_training = self.training
+        self.eval()  # deterministic maps (no LoRA dropout / drop path)
+        self._record_stage, self._recorded = stage, None
+        try:
+            self.encode(images)
+            maps = self._recorded
+        finally:
+            self._record_stage, self._recorded = None, None
+            self.train(was_training)
+        return {t: maps[..., j] for j, t in enumerate(self.task_names)}
