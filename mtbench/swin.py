@@ -251,8 +251,11 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
         raise MtbenchError(f"cannot read checkpoint {str(path)!r}: {str(e).splitlines()[0]}") from None
     if not isinstance(state, dict):
         raise MtbenchError(f"checkpoint {str(path)!r} holds no state dict")
-    state = {k: v.float() if torch.is_floating_point(v) else v for k, v in
-             checkpoint_filter_fn(state, model).items()}
+    try:
+        state = {k: v.float() if torch.is_floating_point(v) else v for k, v in
+                 checkpoint_filter_fn(state, model).items()}
+    except Exception as e:  # e.g. tensors that cannot be resized to this architecture
+        raise MtbenchError(f"checkpoint {str(path)!r} does not fit this Swin: {str(e).splitlines()[0]}") from None
     state = {k: v for k, v in state.items() if not (k.startswith("head") or k.startswith("norm."))}
     own = model.state_dict()
     wanted = {k for k in own if not (k.startswith("head") or k.startswith("norm."))}

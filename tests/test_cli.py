@@ -1,0 +1,104 @@
+"""The command line as a user runs it: errors, a tiny end-to-end run, the table, params and list."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def mtbench(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mtbench.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=900)
+
+
+def files_under(path: Path) -> list[Path]:
+    return [p for p in path.rglob("*") if p.is_file()] if path.exists() else []
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--methods", "nosuch"], "unknown method 'nosuch'; valid:"),
+    (["--methods", "mtlora:r=-4"], "r=-4"),
+    (["--methods", "lora", "--tasks", "semseg,nosuchtask"], "unknown task 'nosuchtask'"),
+    (["--methods", "lora", "--weights", "/nonexistent/swin.pth"], "weights file not found"),
+    (["--methods", "mtlora:rank=4"], "no option 'rank'"),
+    (["--methods", "lora", "--device", "tpu"], "unknown device 'tpu'"),
+])
+def test_run_bad_input_is_one_line_exit_2(tmp_path, args, message):
+    res = mtbench("run", *args, "--results-dir", str(tmp_path / "results"))
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.stderr
+    assert "Traceback" not in res.stderr
+    assert files_under(tmp_path / "results") == []
+
+
+def test_end_to_end_tiny_run_then_table(tmp_path):
+    results = tmp_path / "results"
+    common = ["--epochs", "1", "--max-train-batches", "2", "--batch-size", "8", "--train-size", "16",
+              "--results-dir", str(results)]
+    res = mtbench("run", "--methods", "lora:r=2,mtlora,tadformer", *common)
+    assert res.returncode == 0, res.stderr + res.stdout
+    files = sorted(p.relative_to(results).as_posix() for p in files_under(results))
+    assert files == [f"synthetic/{m}/seed0.{ext}" for m in ("lora/r=2", "mtlora/default", "tadformer/default")
+                     for ext in ("json", "safetensors")]
+    data = json.loads((results / "synthetic/mtlora/default/seed0.json").read_text())
+    assert set(data["metrics"]) == {"semseg", "human_parts", "sal", "normals"}
+    assert data["params"]["trainable"] == sum(data["params"]["backbone_unfrozen"].values()) + \
+        data["params"]["method"] + data["params"]["decoders"]
+    assert "requires_grad" in data["params"]["rule"]
+    assert data["run"]["options"]["r"] == 16 and data["train"]["best_epoch"] == 1
+    assert data["env"]["torch"] and data["train"]["device"] == "cpu"
+    # an existing result is never silently overwritten
+    again = mtbench("run", "--methods", "mtlora", *common)
+    assert again.returncode == 0 and "skip" in again.stdout
+    err = mtbench("run", "--methods", "mtlora", *common, "--existing", "error")
+    assert err.returncode == 2 and "result exists" in err.stderr
+    table = mtbench("table", "--results-dir", str(results), "--out-dir", str(tmp_path / "reports"))
+    assert table.returncode == 0, table.stderr
+    for needle in ["lora (r=2)", "mtlora", "SemSeg (mIoU ↑)", "Normals (mErr ↓)", "Δm (%)", "#TP (M)"]:
+        assert needle in table.stdout
+    md = (tmp_path / "reports" / "table_synthetic.md").read_text()
+    assert "mtlora" in md and (tmp_path / "reports" / "table_synthetic.tex").is_file()
+    # the saved trained state reproduces the stored test metrics
+    from mtbench.data import build_dataset
+    from mtbench.runner import load_trained
+    from mtbench.train import evaluate, make_loader
+
+    model, result = load_trained(results / "synthetic/tadformer/default/seed0.json")
+    test = build_dataset("synthetic", "test", tasks=result.run.tasks)
+    from mtbench.tasks import resolve_tasks
+
+    metrics, _ = evaluate(model, make_loader(test, 32, False, 0, 0), resolve_tasks("synthetic"), torch.device("cpu"))
+    for task, value in result.primary.items():
+        assert metrics[task][{"normals": "mErr"}.get(task, "mIoU")] == pytest.approx(value, abs=1e-4)
+    fig = mtbench("attention", "--result", str(results / "synthetic/tadformer/default/seed0.json"), "--n", "2",
+                  "--out", str(tmp_path / "att.png"))
+    assert fig.returncode == 0, fig.stderr
+    assert (tmp_path / "att.png").stat().st_size > 10_000
+    no_maps = mtbench("attention", "--result", str(results / "synthetic/mtlora/default/seed0.json"))
+    assert no_maps.returncode == 2 and "no task attention maps" in no_maps.stderr
+
+
+def test_params_prints_exact_counts():
+    res = mtbench("params", "--methods", "mtlora,decoder_only")
+    assert res.returncode == 0, res.stderr
+    for n in ["4,953,146", "6,083,642", "8,344,634", "1,946,624"]:
+        assert n in res.stdout
+    assert "✘" not in res.stdout
+
+
+def test_list_shows_methods_and_options():
+    res = mtbench("list")
+    assert res.returncode == 0
+    for needle in ["mtlora", "mtlora_plus", "task_r", "decoder_only", "single_task", "lora", "scale-lab/MTLoRA"]:
+        assert needle in res.stdout
+
+
+def test_table_without_results_is_one_line_error(tmp_path):
+    res = mtbench("table", "--results-dir", str(tmp_path))
+    assert res.returncode == 2 and res.stderr.startswith("error: no result files")
