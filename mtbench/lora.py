@@ -26,6 +26,35 @@ from torch import nn
 from mtbench.errors import MtbenchError
 
 
+class LoRADropout(nn.Module):
+    """Inverted dropout on LoRA inputs with probability ``p`` (Hu et al. 2022; MTLoRA ``lora_dropout`` 0.05).
+
+    On CUDA this is ``F.dropout``. On CPU, where ``bernoulli_`` draws one random number per element and took a third
+    of a training step, the keep-mask is drawn 8 bits per element from a single ``torch.randint`` call, so the drop
+    probability is ``round(256 p) / 256`` (0.05 -> 13/256 = 0.0508); kept values are scaled by ``1 / (1 - p_eff)``.
+
+    Shapes: any; output shape = input shape.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = float(p)
+        self.threshold = int(round(256 * self.p))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if x.is_cuda or self.threshold in (0, 256):
+            return nn.functional.dropout(x, self.p, True)
+        n = x.numel()
+        words = torch.randint(-(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=x.device)
+        keep = words.view(torch.uint8)[:n].view(x.shape) >= self.threshold
+        return x * keep * (256.0 / (256 - self.threshold))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class LoRALinear(nn.Module):
     """A frozen linear layer with a shared LoRA branch and optional per-task LoRA branches.
 
@@ -61,7 +90,7 @@ class LoRALinear(nn.Module):
         self.r = int(r)
         self.scale = float(scale)
         self.task_scale = float(scale if task_scale is None else task_scale)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout = LoRADropout(dropout) if dropout > 0 else nn.Identity()
         if self.r > 0:
             self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features))
             self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r))

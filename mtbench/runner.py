@@ -248,9 +248,10 @@ def default_command() -> str:
 
 
 def set_threads() -> None:
-    """Use every core for intra-op parallelism on CPU (torch defaults to physical cores, often fewer)."""
-    n = os.cpu_count() or 1
-    torch.set_num_threads(n)
+    """Use every core for intra-op parallelism on CPU (torch defaults to physical cores, often fewer), unless
+    ``$OMP_NUM_THREADS`` says otherwise."""
+    n = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    torch.set_num_threads(max(1, n))
 
 
 __all__ = ["RunRequest", "plan", "run_one", "build_datasets", "DATASET_BACKBONE", "BACKBONES", "resolve_device",

@@ -35,7 +35,7 @@ ASSET_DIR = Path(__file__).parent / "assets"
 EMBEDDED_WEIGHTS = ASSET_DIR / "swin_embedded.safetensors"
 
 #: Architecture of the embedded small Swin (same structure as Swin-T, scaled down for 64x64 inputs).
-EMBEDDED_SWIN_ARGS = dict(patch_size=2, embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4)
+EMBEDDED_SWIN_ARGS = dict(patch_size=4, embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4)
 
 #: Backbone name -> (timm model name or None, default input size, default stochastic-depth rate, decoder hidden
 #: ratio). The decoder's hidden 1x1 conv is ``ratio x 270`` wide: 4 (1080) is MTLoRA's head used in the papers'

@@ -48,7 +48,7 @@ class TrainConfig:
         max_train_batches: stop each epoch after this many batches (0 = no limit; for smoke tests).
     """
 
-    epochs: int = 12
+    epochs: int = 6
     batch_size: int = 32
     lr: float = 1e-3
     min_lr: float = 1e-5

@@ -143,7 +143,8 @@ def test_dtf_in_model_is_input_conditioned():
     with torch.no_grad():
         model(torch.cat([x, x[:1]]))
     handle.remove()
-    theta = seen[0].view(len(NAMES), 3, 64, *seen[0].shape[1:])  # task-major windows: [T, B, nW, r, 3, 3]
+    n_windows = (16 // 4) ** 2  # stage 1 of the embedded Swin: 16x16 tokens in 4x4 windows
+    theta = seen[0].view(len(NAMES), 3, n_windows, *seen[0].shape[1:])  # task-major windows: [T, B, nW, r, 3, 3]
     assert torch.equal(theta[0, 0], theta[0, 2])  # same image -> same filter
     assert not torch.allclose(theta[0, 0], theta[0, 1])  # different images -> different filters
     assert not torch.allclose(theta[0, 0], theta[1, 0])  # different task inputs (TPC) -> different filters
@@ -276,7 +277,7 @@ def test_only_declared_parameters_train():
 def test_forward_backward(spec):
     torch.manual_seed(0)
     model = build(spec).train()
-    for batch in (1, 3):  # 3 does not divide the 64 windows of stage 1
+    for batch in (1, 3):  # 3 does not divide the 16 windows of stage 1
         out = model(torch.randn(batch, 3, 64, 64))
         assert set(out) == set(NAMES)
         for t in TASKS:
@@ -296,9 +297,9 @@ def test_task_attention_maps(spec):
     maps = model.task_attention_maps(x)
     assert set(maps) == set(NAMES)
     for m in maps.values():
-        assert m.shape == (3, 32, 32) and torch.isfinite(m).all()
+        assert m.shape == (3, 16, 16) and torch.isfinite(m).all()  # stage 1: 64 px / patch 4
     assert not torch.allclose(maps[NAMES[0]], maps[NAMES[1]])
-    assert model.task_attention_maps(x, stage=1)[NAMES[0]].shape == (3, 16, 16)
+    assert model.task_attention_maps(x, stage=1)[NAMES[0]].shape == (3, 8, 8)
     assert model._record_stage is None
     if spec == "tadformer":  # softmax rows over prompt + patch columns: patch part sums to at most 1 per window
         assert (maps[NAMES[0]] >= 0).all()
