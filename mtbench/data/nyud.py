@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mtbench.data.transforms import read_split_file, resize_image, resize_nearest, resize_normals, to_sample
+from mtbench.data.transforms import check_split_and_tasks, read_split_file, resize_image, resize_nearest, resize_normals, to_sample
 from mtbench.errors import MtbenchError
 from mtbench.tasks import IGNORE_INDEX
 
@@ -87,12 +87,7 @@ class NYUDMT(Dataset):
         train_aug: bool = False,
         n: int | None = None,
     ):
-        if split not in SPLITS:
-            raise MtbenchError(f"unknown nyud split {split!r}; valid: {', '.join(SPLITS)}")
-        self.tasks = tuple(tasks) if tasks else TASKS
-        bad = [t for t in self.tasks if t not in TASKS]
-        if bad:
-            raise MtbenchError(f"nyud has no task {bad[0]!r}; valid: {', '.join(TASKS)}")
+        self.tasks = check_split_and_tasks("nyud", split, SPLITS, tasks, TASKS)
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise MtbenchError(f"NYUD_MT root not found: {self.root}")

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mtbench.data.transforms import hflip_sample, image_to_tensor
+from mtbench.data.transforms import check_split_and_tasks, hflip_sample, image_to_tensor
 from mtbench.errors import MtbenchError
 from mtbench.tasks import IGNORE_INDEX
 
@@ -738,12 +738,7 @@ class SyntheticMultiTask(Dataset):
         cache_dir: str | os.PathLike | None = None,
         train_aug: bool = False,
     ):
-        if split not in SPLIT_SIZES:
-            raise MtbenchError(f"unknown synthetic split {split!r}; valid: {', '.join(SPLITS)}")
-        self.tasks = tuple(tasks) if tasks else TASKS
-        bad = [t for t in self.tasks if t not in TASKS]
-        if bad:
-            raise MtbenchError(f"synthetic dataset has no task {bad[0]!r}; valid: {', '.join(TASKS)}")
+        self.tasks = check_split_and_tasks("synthetic", split, SPLITS, tasks, TASKS)
         self.n = SPLIT_SIZES[split] if n is None else int(n)
         if self.n < 1:
             raise MtbenchError(f"synthetic split size must be >= 1, got {self.n}")

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mtbench.errors import MtbenchError
 from mtbench.tasks import IGNORE_INDEX
 
 #: ImageNet channel statistics used to normalise every image (RGB, for values in [0, 1]).
@@ -123,3 +124,18 @@ def read_split_file(path) -> list[str]:
     """Sample ids listed in a split file (one per line; blank lines and surrounding whitespace ignored)."""
     with open(path) as f:
         return [line.strip() for line in f if line.strip()]
+
+
+def check_split_and_tasks(dataset: str, split: str, splits, tasks, valid_tasks) -> tuple[str, ...]:
+    """Validate a dataset's split and requested tasks; returns the tasks to load (all of them for None).
+
+    Raises:
+        MtbenchError: unknown split or task (the message lists the valid values).
+    """
+    if split not in splits:
+        raise MtbenchError(f"unknown {dataset} split {split!r}; valid: {', '.join(splits)}")
+    chosen = tuple(tasks) if tasks else tuple(valid_tasks)
+    bad = [t for t in chosen if t not in valid_tasks]
+    if bad:
+        raise MtbenchError(f"{dataset} has no task {bad[0]!r}; valid: {', '.join(valid_tasks)}")
+    return chosen
