@@ -12,6 +12,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mtbench.errors import MtbenchError
@@ -138,7 +139,7 @@ def table(
     for c in shown.columns:
         t.add_column(c, justify="right")
     for label, row in shown.iterrows():
-        t.add_row(str(label), *[str(v) for v in row])
+        t.add_row(escape(str(label)), *[str(v) for v in row])
     console.print(t)
     console.print(f"Δm references: {ref_source}" if ref_source else
                   "Δm: no single-task references yet (mtbench run --methods single_task; mtbench references)")

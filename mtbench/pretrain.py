@@ -123,5 +123,6 @@ def pretrain_embedded(
             "command": f"mtbench pretrain --epochs {epochs} --seed {seed}"}
     tmp = out.with_suffix(".tmp")
     save_file(state, str(tmp), metadata=meta)
+    tmp.chmod(0o644)
     tmp.replace(out)
     return out, last

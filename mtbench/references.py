@@ -35,7 +35,8 @@ def write_references(results_dir: str | Path, dataset: str, out: Path = REFERENC
     entry = {
         "primary": {t: round(v, 4) for t, v in primary.items()},
         "source": f"mtbench single_task, {len(runs)} seed(s), default recipe",
-        "produced_by": f"mtbench run --methods single_task --dataset {dataset}; mtbench references --dataset {dataset}",
+        "produced_by": (f"mtbench run --methods single_task --dataset {dataset} --results-dir {results_dir}; "
+                        f"mtbench references --dataset {dataset} --results-dir {results_dir}"),
         "seeds": [r.run.seed for _, r in runs],
         "result_files": [str(p) for p, _ in runs],
         "recipe": first.train.recipe,

@@ -95,7 +95,8 @@ def write_table(table: pd.DataFrame, out_dir: str | Path, dataset: str, ref_sour
     shown = format_table(table)
     note = (f"Δm against single-task references: {ref_source}." if ref_source else
             "Δm: no single-task references for this dataset yet.")
-    md = shown.to_markdown() + "\n\n" + note + "\n"
+    md = shown.to_markdown(disable_numparse=True, colalign=["left"] + ["right"] * len(shown.columns)) + "\n\n" \
+        + note + "\n"
     tex = shown.to_latex(escape=True, column_format="l" + "r" * len(shown.columns))
     tex = tex.replace("↑", r"$\uparrow$").replace("↓", r"$\downarrow$").replace("Δm", r"$\Delta m$")
     paths = [out_dir / f"table_{dataset}.md", out_dir / f"table_{dataset}.tex"]

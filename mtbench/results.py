@@ -79,6 +79,13 @@ def result_path(root: str | os.PathLike, dataset: str, method: str, variant: str
     return Path(root) / dataset / method / variant / f"seed{seed}.json"
 
 
+def default_mode() -> int:
+    """Permissions of a new file under the current umask (temporary files are created 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically (temp file in the same directory + ``os.replace``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -88,6 +95,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -23,7 +23,7 @@ from mtbench.measure import count_params
 from mtbench.metrics import delta_m, primary_higher_is_better, primary_metrics
 from mtbench.registry import ResolvedMethod, build_model, resolve_spec
 from mtbench.results import (
-    EXISTING_POLICIES, DeltaM, RunInfo, RunResult, TrainInfo, load_references, result_path, save_result,
+    EXISTING_POLICIES, DeltaM, RunInfo, RunResult, TrainInfo, default_mode, load_references, result_path, save_result,
 )
 from mtbench.swin import BACKBONES, create_backbone
 from mtbench.tasks import TaskSpec, resolve_tasks
@@ -204,6 +204,7 @@ def save_checkpoint(model, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(state, str(tmp))
+    os.chmod(tmp, default_mode())
     os.replace(tmp, path)
 
 
