@@ -25,7 +25,7 @@ from mtbench.registry import ResolvedMethod, build_model, resolve_spec
 from mtbench.results import (
     EXISTING_POLICIES, DeltaM, RunInfo, RunResult, TrainInfo, default_mode, load_references, result_path, save_result,
 )
-from mtbench.swin import BACKBONES, create_backbone
+from mtbench.swin import create_backbone
 from mtbench.tasks import TaskSpec, resolve_tasks
 from mtbench.train import RECIPES, TrainConfig, evaluate, fit, make_loader, recipe_dict, resolve_device
 
@@ -255,5 +255,5 @@ def set_threads() -> None:
     torch.set_num_threads(max(1, n))
 
 
-__all__ = ["RunRequest", "plan", "run_one", "build_datasets", "DATASET_BACKBONE", "BACKBONES", "resolve_device",
-           "default_command", "set_threads"]
+__all__ = ["RunRequest", "plan", "run_one", "build_datasets", "DATASET_BACKBONE", "resolve_device", "default_command",
+           "set_threads", "load_trained", "save_checkpoint"]
