@@ -28,15 +28,19 @@ def list_cmd() -> None:
     from mtbench.registry import list_methods
 
     for info in list_methods():
-        t = Table(title=f"[bold]{info.name}[/bold] — {info.summary}", title_justify="left", show_header=True,
-                  expand=False)
-        t.add_column("option")
-        t.add_column("default")
-        t.add_column("meaning")
-        for name, default, help_ in info.config_cls.describe_options():
-            t.add_row(name, default, help_)
-        console.print(t)
-        console.print(f"  paper: {info.paper}\n  code:  {info.code}")
+        console.print(f"[bold]{info.name}[/bold] — {escape(info.summary)}")
+        console.print(f"  paper: {escape(info.paper)}\n  code:  {escape(info.code)}")
+        options = info.config_cls.describe_options()
+        if options:
+            t = Table(show_header=True, expand=False, box=None, padding=(0, 2))
+            t.add_column("  option")
+            t.add_column("default")
+            t.add_column("meaning")
+            for name, default, help_ in options:
+                t.add_row(f"  {name}", escape(default), escape(help_))
+            console.print(t)
+        else:
+            console.print("  options: none")
         if info.variants:
             console.print("  variants: " + "; ".join(f"{v} = {info.name}:" + ",".join(f"{k}={x}" for k, x in p.items())
                                                     for v, p in info.variants.items()))
