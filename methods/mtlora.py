@@ -30,7 +30,7 @@ import torch
 
 from mtbench.config import MethodConfig
 from mtbench.errors import MtbenchError
-from mtbench.lora import LoRALinear, inject_lora
+from mtbench.lora import LoRALinear, inject_block_lora, inject_lora
 from mtbench.model import MultiTaskModel, nhwc_to_nchw
 from mtbench.registry import PaperCount, register_method
 from mtbench.swin import partition_windows, reverse_windows, window_attention
@@ -80,16 +80,8 @@ class MTLoRA(MultiTaskModel):
         super().__init__(backbone, tasks)
         self.cfg = cfg
         task_ranks = {t.name: cfg.task_r for t in tasks}
-        last_blocks = {id(backbone.blocks(i)[-1]) for i in range(backbone.num_stages)}
-        for i in range(backbone.num_stages):
-            for block in backbone.blocks(i):
-                is_last = id(block) in last_blocks
-                for parent, names in ((block.attn, ("qkv", "proj")), (block.mlp, ("fc1", "fc2"))):
-                    for name in names:
-                        ranks = task_ranks if is_last and name != "qkv" else None
-                        layer = LoRALinear(getattr(parent, name), cfg.r, cfg.scale, cfg.dropout, task_ranks=ranks)
-                        setattr(parent, name, layer)
-                        self.add_method_params(layer.lora_parameters())
+        for layer in inject_block_lora(backbone, cfg.r, cfg.scale, cfg.dropout, task_ranks=task_ranks):
+            self.add_method_params(layer.lora_parameters())
         roles = ["patch_embed", "norm", "rel_pos"]
         if cfg.plus:
             merges = inject_lora(backbone.stages, ("reduction",),

@@ -94,7 +94,7 @@ from torch import nn
 
 from mtbench.config import MethodConfig
 from mtbench.errors import MtbenchError
-from mtbench.lora import LoRALinear
+from mtbench.lora import inject_block_lora
 from mtbench.model import MultiTaskModel, nhwc_to_nchw
 from mtbench.registry import PaperCount, register_method
 from mtbench.swin import partition_windows, prompted_block, reverse_windows, window_attention
@@ -305,13 +305,8 @@ class TADFormer(MultiTaskModel):
         super().__init__(backbone, tasks)
         self.cfg = cfg
         names = self.task_names
-        for i in range(backbone.num_stages):
-            for block in backbone.blocks(i):
-                for parent, attrs in ((block.attn, ("qkv", "proj")), (block.mlp, ("fc1", "fc2"))):
-                    for a in attrs:
-                        layer = LoRALinear(getattr(parent, a), cfg.r, cfg.scale, cfg.dropout)
-                        setattr(parent, a, layer)
-                        self.add_method_params(layer.lora_parameters())
+        for layer in inject_block_lora(backbone, cfg.r, cfg.scale, cfg.dropout):
+            self.add_method_params(layer.lora_parameters())
         dims = backbone.stage_dims
         self.task_prompts = None
         self.prompt_up = nn.ModuleList()

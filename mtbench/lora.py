@@ -180,3 +180,37 @@ def inject_lora(
     if not replaced:
         raise MtbenchError(f"no linear layer named any of {list(targets)} found")
     return replaced
+
+
+def inject_block_lora(
+    backbone: nn.Module,
+    r: int,
+    scale: float,
+    dropout: float,
+    task_ranks: Mapping[str, int] | None = None,
+) -> list[LoRALinear]:
+    """Wrap ``qkv``, ``proj``, ``fc1``, ``fc2`` of every Swin block in a :class:`LoRALinear` of rank ``r``.
+
+    This is the shared (TA-LoRA / TS-module) placement of MTLoRA §3.2 and TADFormer §3.2 (Eq. 1). With
+    ``task_ranks``, ``proj``, ``fc1`` and ``fc2`` of the last block of each stage also get one task-specific branch
+    per task (MTLoRA's TS-LoRA); ``qkv`` stays shared.
+
+    Args:
+        backbone: a :class:`mtbench.swin.SwinBackbone` (modified in place).
+        r, scale, dropout: shared-branch rank, raw scale and input dropout.
+        task_ranks: ``{task: rank}`` of the task branches in each stage's last block, or None.
+
+    Returns:
+        The wrappers, in block order.
+    """
+    layers = []
+    for i in range(backbone.num_stages):
+        blocks = backbone.blocks(i)
+        for b, block in enumerate(blocks):
+            for parent, names in ((block.attn, ("qkv", "proj")), (block.mlp, ("fc1", "fc2"))):
+                for name in names:
+                    ranks = task_ranks if task_ranks and b == len(blocks) - 1 and name != "qkv" else None
+                    layer = LoRALinear(getattr(parent, name), r, scale, dropout, task_ranks=ranks)
+                    setattr(parent, name, layer)
+                    layers.append(layer)
+    return layers
