@@ -97,7 +97,9 @@ from mtbench.errors import MtbenchError
 from mtbench.lora import inject_block_lora
 from mtbench.model import MultiTaskModel, nhwc_to_nchw
 from mtbench.registry import PaperCount, register_method
-from mtbench.swin import partition_windows, prompted_block, reverse_windows, window_attention
+from mtbench.swin import (
+    partition_windows, prompted_block, reverse_windows, update_prompt_tokens, window_attention,
+)
 
 _T1 = "TADFormer CVPR'25 Table 1"
 _T2 = "TADFormer CVPR'25 Table 2 (r=32)"
@@ -431,12 +433,8 @@ class TADFormer(MultiTaskModel):
         x_out = x1 + block.drop_path2(mlp.drop2(fc2_base + mlp.fc2.delta(h_sh)))
 
         if P and update_prompts:
-            attn_p = proj_sh[:, :P].reshape(B, ctx.num_windows, P, C).mean(1)
-            if cfg.prompt_update == "vpt":
-                p = prompts + block.drop_path1(attn_p)
-                prompts = p + block.drop_path2(mlp(block.norm2(p)))
-            else:
-                prompts = prompts + block.drop_path2(mlp(block.norm2(attn_p)))
+            prompts = update_prompt_tokens(block, prompts, proj_sh[:, :P], ctx.num_windows,
+                                           residual=cfg.prompt_update == "vpt")
 
         amap = None
         if want_maps:

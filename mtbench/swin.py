@@ -416,18 +416,36 @@ def prompted_block(
     Returns:
         ``(x [B,H,W,C], prompts [B,P,C])``.
     """
-    B, H, W, C = x.shape
     P = prompts.shape[1]
     windows, ctx = partition_windows(block, block.norm1(x))
     out = window_attention(block.attn, windows, block.attn_mask, block.norm1(prompts))
     proj = block.attn.proj_drop(block.attn.proj(out.values))
-    attn_p = proj[:, :P].reshape(B, ctx.num_windows, P, C).mean(1)
     x = x + block.drop_path1(reverse_windows(block, proj[:, P:], ctx))
     x = x + block.drop_path2(block.mlp(block.norm2(x)))
     if update_prompts:
-        if prompt_residual:
-            p = prompts + block.drop_path1(attn_p)
-            prompts = p + block.drop_path2(block.mlp(block.norm2(p)))
-        else:
-            prompts = prompts + block.drop_path2(block.mlp(block.norm2(attn_p)))
+        prompts = update_prompt_tokens(block, prompts, proj[:, :P], ctx.num_windows, prompt_residual)
     return x, prompts
+
+
+def update_prompt_tokens(
+    block: nn.Module, prompts: torch.Tensor, projected: torch.Tensor, num_windows: int, residual: bool = True
+) -> torch.Tensor:
+    """The prompts after a block: window-averaged attention output, then the MLP.
+
+    Args:
+        block: timm ``SwinTransformerBlock`` (its ``mlp``, ``norm2`` and drop paths are used).
+        prompts: ``[B,P,C]`` prompts entering the block.
+        projected: ``[B*nW, P, C]`` projected attention output of the prompt rows of every window.
+        num_windows: ``nW``, windows per image.
+        residual: True: ordinary tokens, ``p += attn; p += mlp(norm2 p)`` (VPT; TADFormer paper §3.1). False: the
+            TADFormer official-code update ``p + mlp(norm2(attn))`` (no residual around attention).
+
+    Returns:
+        ``[B,P,C]``.
+    """
+    B, P, C = prompts.shape
+    attn_p = projected.reshape(B, num_windows, P, C).mean(1)
+    if residual:
+        p = prompts + block.drop_path1(attn_p)
+        return p + block.drop_path2(block.mlp(block.norm2(p)))
+    return prompts + block.drop_path2(block.mlp(block.norm2(attn_p)))
