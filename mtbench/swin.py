@@ -251,13 +251,19 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
         raise MtbenchError(f"cannot read checkpoint {str(path)!r}: {str(e).splitlines()[0]}") from None
     if not isinstance(state, dict):
         raise MtbenchError(f"checkpoint {str(path)!r} holds no state dict")
+    own = model.state_dict()
+    # A checkpoint already in this timm model's own layout (e.g. the packaged embedded weights) is loaded as it is:
+    # timm's filter guesses the layout from key names, and some timm versions (1.0.29) re-map the PatchMerging keys
+    # of a timm-layout checkpoint as if they were original-Swin keys.
+    native = all(k in state and tuple(state[k].shape) == tuple(v.shape) for k, v in own.items()
+                 if not (k.startswith("head") or k.startswith("norm.") or k.endswith("relative_position_index")
+                         or k.endswith("attn_mask")))
     try:
         state = {k: v.float() if torch.is_floating_point(v) else v for k, v in
-                 checkpoint_filter_fn(state, model).items()}
+                 (state if native else checkpoint_filter_fn(state, model)).items()}
     except Exception as e:  # e.g. tensors that cannot be resized to this architecture
         raise MtbenchError(f"checkpoint {str(path)!r} does not fit this Swin: {str(e).splitlines()[0]}") from None
     state = {k: v for k, v in state.items() if not (k.startswith("head") or k.startswith("norm."))}
-    own = model.state_dict()
     wanted = {k for k in own if not (k.startswith("head") or k.startswith("norm."))}
     missing = sorted(wanted - set(state))
     if missing:
