@@ -36,7 +36,7 @@ from torch import Tensor
 
 from mtbench.errors import MtbenchError
 from mtbench.losses import EDGE_POS_WEIGHT
-from mtbench.tasks import IGNORE_INDEX, PRIMARY_METRIC, TaskSpec
+from mtbench.tasks import IGNORE_INDEX, TASK_KINDS, TaskSpec
 
 __all__ = [
     "TaskMetric",
@@ -60,14 +60,15 @@ SAL_THRESHOLDS = tuple(float(v) for v in torch.linspace(0.2, 0.9, 15, dtype=torc
 #: Edge binarisation thresholds on sigmoid probabilities for the proxy F-measure.
 EDGE_THRESHOLDS = tuple(float(v) for v in torch.linspace(0.05, 0.95, 19, dtype=torch.float64))
 
-#: Single-task full fine-tuning references, keyed by dataset then task, in the unit of the task's primary metric
-#: (:data:`mtbench.tasks.PRIMARY_METRIC`): semseg/human_parts/sal mIoU in percent, normals mean angular error in
-#: degrees. Source: MTLoRA (CVPR 2024) Table 1 "Single-task full fine-tuning" row, repeated in TADFormer (CVPR 2025)
-#: Table 1 and TDSS (AAAI 2026) Table 1 (``/work/shared/papers/001``, ``002``, ``003``). NYUD is left out: no paper
-#: here gives a trustworthy single-task row for it (TDSS Table 2 is garbled in our copy).
-SINGLE_TASK_REFERENCES: dict[str, dict[str, float]] = {
-    "pascal_context": {"semseg": 67.21, "human_parts": 61.93, "sal": 62.35, "normals": 17.97},
-}
+def __getattr__(name: str):
+    """``SINGLE_TASK_REFERENCES``: ``{dataset: {task: reference}}`` from the dataset specs
+    (:attr:`mtbench.datasets.DatasetSpec.references`, each with its source), kept for existing callers."""
+    if name == "SINGLE_TASK_REFERENCES":
+        from mtbench.datasets import dataset_names, get_dataset
+
+        return {n: dict(get_dataset(n).references) for n in dataset_names() if get_dataset(n).references}
+    raise AttributeError(name)
+
 
 _NAN = float("nan")
 
@@ -536,23 +537,17 @@ def build_metric(task: TaskSpec) -> TaskMetric:
     """The evaluation metric of one task (see the module table).
 
     Args:
-        task: the task; ``name``, ``out_channels`` and ``class_names`` are used.
+        task: the task; its :class:`mtbench.tasks.TaskKind` supplies the metric factory (``out_channels`` and
+            ``class_names`` are used by segmentation metrics).
 
     Raises:
         MtbenchError: unknown task name.
     """
-    name = task.name
-    if name in ("semseg", "human_parts"):
-        return SegmentationMetric(task.out_channels, task.class_names, task=name)
-    if name == "sal":
-        return SaliencyMetric(task=name)
-    if name == "normals":
-        return NormalsMetric(task=name)
-    if name == "depth":
-        return DepthMetric(task=name)
-    if name == "edge":
-        return EdgeMetric(task=name)
-    raise MtbenchError(f"no metric for task {name!r}; valid: semseg, human_parts, sal, normals, depth, edge")
+    from mtbench.tasks import TASK_KINDS
+
+    if task.name not in TASK_KINDS:
+        raise MtbenchError(f"no metric for task {task.name!r}; valid: {', '.join(TASK_KINDS)}")
+    return TASK_KINDS[task.name].metric(task)
 
 
 class MultiTaskMetrics:
@@ -625,9 +620,9 @@ def primary_metrics(
     out = {}
     for t in tasks:
         name = _task_name(t)
-        if name not in PRIMARY_METRIC:
-            raise MtbenchError(f"task {name!r} has no primary metric; valid: {', '.join(PRIMARY_METRIC)}")
-        key = PRIMARY_METRIC[name][0]
+        if name not in TASK_KINDS:
+            raise MtbenchError(f"task {name!r} has no primary metric; valid: {', '.join(TASK_KINDS)}")
+        key = TASK_KINDS[name].primary_metric
         if name not in metrics or key not in metrics[name]:
             raise MtbenchError(f"metric {key!r} of task {name!r} missing from the results")
         out[name] = float(metrics[name][key])
@@ -643,9 +638,9 @@ def primary_higher_is_better(tasks: Iterable[TaskSpec | str]) -> dict[str, bool]
     out = {}
     for t in tasks:
         name = _task_name(t)
-        if name not in PRIMARY_METRIC:
-            raise MtbenchError(f"task {name!r} has no primary metric; valid: {', '.join(PRIMARY_METRIC)}")
-        out[name] = PRIMARY_METRIC[name][1]
+        if name not in TASK_KINDS:
+            raise MtbenchError(f"task {name!r} has no primary metric; valid: {', '.join(TASK_KINDS)}")
+        out[name] = TASK_KINDS[name].higher_is_better
     return out
 
 
