@@ -301,7 +301,9 @@ def data_check(
 def main() -> None:
     """Console entry point: run the Typer app, turning :class:`MtbenchError` into one line and exit code 2."""
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # a typer.Exit(code) inside a command comes back as its code here
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except MtbenchError as e:
         print(f"error: {e}", file=sys.stderr)  # plain print: one line, never wrapped
         sys.exit(2)

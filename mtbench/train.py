@@ -123,10 +123,13 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
     """A DataLoader over ``dataset`` wrapped in :class:`mtbench.data.SafeDataset` (data errors become one line).
 
     ``cfg`` supplies ``pin_memory`` (used only when CUDA is available), ``persistent_workers`` and
-    ``prefetch_factor`` (used only with ``num_workers > 0``).
+    ``prefetch_factor`` (used only with ``num_workers > 0``). ``num_workers`` is capped at the number of CPU cores.
     """
+    import os
+
     from mtbench.data import SafeDataset, safe_collate
 
+    num_workers = min(num_workers, os.cpu_count() or 1)
     g = torch.Generator()
     g.manual_seed(seed)
     kw = {}
