@@ -294,5 +294,6 @@ def set_threads() -> None:
     torch.set_num_threads(max(1, n))
 
 
-__all__ = ["RunRequest", "plan", "run_one", "build_datasets", "evaluation_protocol", "EVAL_RESOLUTIONS", "resolve_device", "default_command",
+__all__ = ["RunRequest", "plan", "run_one", "build_datasets", "evaluation_protocol", "EVAL_RESOLUTIONS",
+           "resolve_device", "default_command",
            "set_threads", "load_trained", "save_checkpoint"]
