@@ -1,6 +1,6 @@
 """The ``mtbench`` command line (Typer).
 
-Commands: ``list``, ``run``, ``table``, ``params``, ``references``, ``pretrain``, ``attention``. Every user error
+Commands: ``list``, ``run``, ``table``, ``params``, ``references``, ``pretrain``, ``attention``, ``data check``. Every user error
 (:class:`mtbench.errors.MtbenchError`) prints one line ``error: ...`` on stderr and exits with code 2.
 """
 
@@ -79,7 +79,7 @@ class _RichProgress:
 def run(
     methods: str = typer.Option(..., "--methods", "-m", help="methods and options, e.g. 'mtlora:r=32,lora:r=8'; "
                                 "a comma item with '=' and no ':' continues the previous method's options"),
-    dataset: str = typer.Option("synthetic", help="synthetic | pascal_context | nyud"),
+    dataset: str = typer.Option("synthetic", help="synthetic | pascal_context | nyud (any registered dataset)"),
     tasks: Optional[str] = typer.Option(None, help="comma-separated tasks (default: the dataset's default set)"),
     epochs: Optional[int] = typer.Option(None, help="override the dataset recipe's epochs"),
     batch_size: Optional[int] = typer.Option(None, help="override the recipe's batch size"),
@@ -93,6 +93,10 @@ def run(
     existing: str = typer.Option("skip", help="if the result file exists: skip | error | overwrite"),
     max_train_batches: int = typer.Option(0, help="cap batches per epoch (0 = all; smoke tests)"),
     train_size: Optional[int] = typer.Option(None, help="use only the first N training images (synthetic)"),
+    preset: Optional[str] = typer.Option(None, help="recipe preset: embedded (default) | paper (the papers' recipe "
+                                         "and training transforms; real datasets)"),
+    eval_resolution: str = typer.Option("resized", help="test labels: resized (MTLoRA, 448x448) | original "
+                                        "(stored resolution, the older literature's protocol)"),
 ) -> None:
     """Train, select on validation, evaluate on test, and write one result file per method."""
     from mtbench.runner import RunRequest, build_datasets, default_command, plan, resolve_device, run_one, set_threads
@@ -100,7 +104,8 @@ def run(
     req = RunRequest(methods=methods, dataset=dataset, tasks=[t.strip() for t in tasks.split(",")] if tasks else None,
                      seed=seed, device=device, epochs=epochs, batch_size=batch_size, lr=lr,
                      max_train_batches=max_train_batches, data_root=data_root, weights=weights, init=init,
-                     results_dir=results_dir, existing=existing, train_size=train_size, command=default_command())
+                     results_dir=results_dir, existing=existing, train_size=train_size, command=default_command(),
+                     preset=preset, eval_resolution=eval_resolution)
     task_specs, runs, recipe = plan(req)
     dev = resolve_device(device)
     set_threads()
@@ -114,10 +119,10 @@ def run(
     if not todo:
         return
     with console.status("preparing data"):
-        datasets = build_datasets(req, task_specs)
+        datasets = build_datasets(req, task_specs, recipe)
     console.print(f"dataset [bold]{dataset}[/bold] ({len(datasets[0])}/{len(datasets[1])}/{len(datasets[2])} "
                   f"train/val/test), tasks {', '.join(t.name for t in task_specs)}, device {dev}, "
-                  f"{recipe.epochs} epochs x batch {recipe.batch_size}")
+                  f"preset {req.preset}, {recipe.epochs} epochs x batch {recipe.batch_size}")
     with _RichProgress() as progress:
         for r in todo:
             result = run_one(req, task_specs, r, recipe, datasets, dev, progress)
@@ -159,14 +164,15 @@ def params(
     """Build every method in the papers' setting (no data, no weights) and print #TP next to the papers'."""
     from mtbench.config import MethodSpec
     from mtbench.measure import COUNTING_RULE, count_params
+    from mtbench.datasets import get_dataset
     from mtbench.registry import build_model, list_methods, resolve, resolve_spec
-    from mtbench.runner import DATASET_BACKBONE
     from mtbench.swin import create_backbone
     from mtbench.tasks import resolve_tasks
 
+    backbone = get_dataset(dataset).backbone
     task_specs = resolve_tasks(dataset)
     wanted = None if methods is None else {resolve(m.strip())[0].name for m in methods.split(",") if m.strip()}
-    t = Table(title=f"#TP, {DATASET_BACKBONE[dataset]} setting, tasks: {', '.join(x.name for x in task_specs)}",
+    t = Table(title=f"#TP, {backbone} setting, tasks: {', '.join(x.name for x in task_specs)}",
               title_justify="left")
     for c in ("method", "options", "#TP", "backbone unfrozen", "method modules", "decoders", "paper (M)", "source / note"):
         t.add_column(c, justify="right" if c in ("#TP", "method modules", "decoders", "paper (M)") else "left")
@@ -181,7 +187,7 @@ def params(
             opts = {} if pc is None else {k: str(v).lower() if isinstance(v, bool) else str(v)
                                           for k, v in pc.options.items()}
             rm = resolve_spec(MethodSpec(info.name, opts))
-            model = build_model(rm, create_backbone(DATASET_BACKBONE[dataset]), task_specs)
+            model = build_model(rm, create_backbone(backbone), task_specs)
             pb = count_params(model)
             unfrozen = ", ".join(f"{k} {v:,}" for k, v in pb.backbone_unfrozen.items()) or "-"
             paper = "-" if pc is None or pc.millions is None else f"{pc.millions:.2f}"
@@ -249,10 +255,55 @@ def attention(
     console.print(f"wrote {path}")
 
 
+data_app = typer.Typer(no_args_is_help=True, help="Check downloaded datasets.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("check")
+def data_check(
+    dataset: str = typer.Option(..., help="pascal_context | nyud"),
+    data_root: Optional[str] = typer.Option(None, help="the downloaded directory (PASCAL_MT/ or NYUD_MT/); default "
+                                            "$MTBENCH_DATA/<dir>"),
+    workers: int = typer.Option(0, help="worker processes (0: one per CPU core, at most 16)"),
+) -> None:
+    """Read every sample of every task of every split; print counts, name every missing or malformed file, exit 2
+    when anything is wrong."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from mtbench.data.check import check_dataset
+
+    with Progress(TextColumn("[bold]checking {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=console, transient=True) as progress:
+        bar = progress.add_task(dataset, total=None)
+
+        def on_progress(done: int, total: int) -> None:
+            progress.update(bar, completed=done, total=total)
+
+        report = check_dataset(dataset, data_root, workers=workers or None, on_progress=on_progress)
+    t = Table(title=f"{dataset}: {report.root}", title_justify="left")
+    t.add_column("split")
+    t.add_column("ids", justify="right")
+    t.add_column("full download", justify="right")
+    for c in report.columns:
+        t.add_column(c, justify="right")
+    for split, row in report.counts.items():
+        t.add_row(split, f"{report.ids[split]:,}", f"{report.expected.get(split, 0):,}",
+                  *[f"{row.get(c, 0):,}" for c in report.columns])
+    console.print(t)
+    for line in report.problems:
+        print(f"error: {line}", file=sys.stderr)
+    if report.problems:
+        print(f"error: {len(report.problems)} problem(s) in {report.root}", file=sys.stderr)
+        raise typer.Exit(2)
+    console.print(f"[green]ok[/green]: every file of {sum(report.ids.values()):,} samples is present and readable")
+
+
 def main() -> None:
     """Console entry point: run the Typer app, turning :class:`MtbenchError` into one line and exit code 2."""
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # a typer.Exit(code) inside a command comes back as its code here
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except MtbenchError as e:
         print(f"error: {e}", file=sys.stderr)  # plain print: one line, never wrapped
         sys.exit(2)

@@ -248,23 +248,16 @@ def build_loss(task: TaskSpec) -> nn.Module:
     """The training loss of one task (see the module table), a module with ``forward(pred, target) -> scalar``.
 
     Args:
-        task: the task; only ``task.name`` is used (``semseg, human_parts, sal, edge, normals, depth``).
+        task: the task; its :class:`mtbench.tasks.TaskKind` (``task.name``) supplies the loss factory.
 
     Raises:
         MtbenchError: unknown task name.
     """
-    name = task.name
-    if name in ("semseg", "human_parts"):
-        return SegmentationCELoss(task=name)
-    if name == "sal":
-        return BalancedBCELoss(pos_weight=None, task=name)
-    if name == "edge":
-        return BalancedBCELoss(pos_weight=EDGE_POS_WEIGHT, task=name)
-    if name == "normals":
-        return NormalsL1Loss(task=name)
-    if name == "depth":
-        return DepthL1Loss(task=name)
-    raise MtbenchError(f"no loss for task {name!r}; valid: semseg, human_parts, sal, edge, normals, depth")
+    from mtbench.tasks import TASK_KINDS
+
+    if task.name not in TASK_KINDS:
+        raise MtbenchError(f"no loss for task {task.name!r}; valid: {', '.join(TASK_KINDS)}")
+    return TASK_KINDS[task.name].loss(task)
 
 
 class MultiTaskLoss(nn.Module):

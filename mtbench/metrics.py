@@ -14,11 +14,11 @@ task           keys returned by ``compute``                            units
 =============  =====================================================  ==========================================
 semseg         ``mIoU``, ``mIoU_present``, ``pixel_acc``               percent
 human_parts    same as semseg                                          percent
-sal            ``mIoU``, ``maxF``                                      percent
+sal            ``mIoU``, ``maxF``, ``maxF_beta`` (β² = 0.3, pooled)    percent
 normals        ``mErr``, ``rmse``, ``median``, ``11.25``, ``22.5``,    degrees; the last three percent of pixels
                ``30``
 depth          ``rmse``, ``log_rmse``, ``abs_rel``                     metres; log-metres; ratio
-edge           ``maxF`` (percent), ``loss`` (nats per pixel)            see :class:`EdgeMetric`
+edge           ``maxF`` (pixel-exact proxy, percent), ``loss``          see :class:`EdgeMetric`
 =============  =====================================================  ==========================================
 
 When no valid pixel was seen, ``compute`` returns NaN for every key.
@@ -36,7 +36,7 @@ from torch import Tensor
 
 from mtbench.errors import MtbenchError
 from mtbench.losses import EDGE_POS_WEIGHT
-from mtbench.tasks import IGNORE_INDEX, PRIMARY_METRIC, TaskSpec
+from mtbench.tasks import IGNORE_INDEX, TASK_KINDS, TaskSpec
 
 __all__ = [
     "TaskMetric",
@@ -60,16 +60,23 @@ SAL_THRESHOLDS = tuple(float(v) for v in torch.linspace(0.2, 0.9, 15, dtype=torc
 #: Edge binarisation thresholds on sigmoid probabilities for the proxy F-measure.
 EDGE_THRESHOLDS = tuple(float(v) for v in torch.linspace(0.05, 0.95, 19, dtype=torch.float64))
 
-#: Single-task full fine-tuning references, keyed by dataset then task, in the unit of the task's primary metric
-#: (:data:`mtbench.tasks.PRIMARY_METRIC`): semseg/human_parts/sal mIoU in percent, normals mean angular error in
-#: degrees. Source: MTLoRA (CVPR 2024) Table 1 "Single-task full fine-tuning" row, repeated in TADFormer (CVPR 2025)
-#: Table 1 and TDSS (AAAI 2026) Table 1 (``/work/shared/papers/001``, ``002``, ``003``). NYUD is left out: no paper
-#: here gives a trustworthy single-task row for it (TDSS Table 2 is garbled in our copy).
-SINGLE_TASK_REFERENCES: dict[str, dict[str, float]] = {
-    "pascal_context": {"semseg": 67.21, "human_parts": 61.93, "sal": 62.35, "normals": 17.97},
-}
+def __getattr__(name: str):
+    """``SINGLE_TASK_REFERENCES``: ``{dataset: {task: reference}}`` from the dataset specs
+    (:attr:`mtbench.datasets.DatasetSpec.references`, each with its source), kept for existing callers."""
+    if name == "SINGLE_TASK_REFERENCES":
+        from mtbench.datasets import dataset_names, get_dataset
+
+        return {n: dict(get_dataset(n).references) for n in dataset_names() if get_dataset(n).references}
+    raise AttributeError(name)
+
 
 _NAN = float("nan")
+#: Depth predictions are clamped to this many metres before every depth error (MTLoRA ``eval_depth.py``).
+DEPTH_MIN = 1e-9
+#: Thresholds and β² of the saliency F-measure pooled over the split (MTLoRA ``eval_sal_beta.py``:
+#: ``arange(0.05, 1, 0.05)``, β² = 0.3).
+SAL_BETA_THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 20))
+SAL_BETA_SQUARED = 0.3
 
 
 def _check_pred(task: str, pred: Tensor, target: Tensor, channels: int | None) -> None:
@@ -223,8 +230,15 @@ class SaliencyMetric(TaskMetric):
     ``mIoU = max_τ mean J`` (the number the papers' tables call saliency mIoU) and
     ``maxF = max_τ 2 P̄ R̄ / (P̄ + R̄)`` (β² = 1, F of the averaged P and R; 0 where P̄ + R̄ = 0).
 
-    Source: MTLoRA ``evaluation/eval_sal_no_beta.py`` and ``evaluation/jaccard.py`` (from ASTMT). The official
-    β²=0.3 "Beta maxF" is not reproduced (it applies the sigmoid twice; mtlora.md §4).
+    It also reports ``maxF_beta``: the saliency literature's F-measure with β² = 0.3, **pooled over the split**
+    (TP, predicted and actual positives summed over all valid pixels of all images) at the thresholds
+    :data:`SAL_BETA_THRESHOLDS` (0.05, 0.10, ..., 0.95; a pixel is positive when ``prob >= τ``):
+    ``F_β = (1 + β²) P R / (β² P + R)`` with ``P = TP / predicted``, ``R = TP / actual`` (0 where undefined),
+    ``maxF_beta = max_τ F_β`` in percent.
+
+    Source: MTLoRA ``evaluation/eval_sal_no_beta.py`` and ``evaluation/jaccard.py`` (from ASTMT) for ``mIoU`` and
+    ``maxF``; ``evaluation/eval_sal_beta.py::SaliencyMeterWithBeta`` for ``maxF_beta``, whose sigmoid is applied
+    once here (the official loop feeds it ``255 * sigmoid(logit)`` and it applies a second sigmoid; mtlora.md §4).
 
     Args:
         thresholds: probability thresholds.
@@ -249,6 +263,10 @@ class SaliencyMetric(TaskMetric):
         self.precision_sum = torch.zeros(n, dtype=torch.float64)
         self.recall_sum = torch.zeros(n, dtype=torch.float64)
         self.n_images = 0
+        nb = len(SAL_BETA_THRESHOLDS)
+        self.beta_tp = torch.zeros(nb, dtype=torch.float64)
+        self.beta_pred = torch.zeros(nb, dtype=torch.float64)
+        self.beta_actual = 0.0
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
@@ -277,6 +295,12 @@ class SaliencyMetric(TaskMetric):
             prec = torch.where(tp + fp > 0, tp / (tp + fp).clamp(min=1), torch.zeros_like(tp))
             rec = torch.where(tp + fn > 0, tp / (tp + fn).clamp(min=1), torch.zeros_like(tp))
             rows.append(torch.stack([jac.sum(), prec.sum(), rec.sum()]))
+        pv, gv = prob[valid], gt[valid]
+        beta = torch.stack([torch.stack([((pv >= t) & gv).sum(), (pv >= t).sum()]) for t in SAL_BETA_THRESHOLDS])
+        beta = beta.double().cpu()
+        self.beta_tp += beta[:, 0]
+        self.beta_pred += beta[:, 1]
+        self.beta_actual += float(gv.sum())
         sums = torch.stack(rows).cpu()  # [T, 3], one device sync per batch
         self.jaccard_sum += sums[:, 0]
         self.precision_sum += sums[:, 1]
@@ -284,14 +308,20 @@ class SaliencyMetric(TaskMetric):
         self.n_images += b
 
     def compute(self) -> dict[str, float]:
-        """``{"mIoU", "maxF"}`` in percent (NaN if no image was seen)."""
+        """``{"mIoU", "maxF", "maxF_beta"}`` in percent (NaN if no image was seen)."""
         if self.n_images == 0:
-            return {"mIoU": _NAN, "maxF": _NAN}
+            return {"mIoU": _NAN, "maxF": _NAN, "maxF_beta": _NAN}
         mj = self.jaccard_sum / self.n_images
         mp = self.precision_sum / self.n_images
         mr = self.recall_sum / self.n_images
         f = torch.where(mp + mr > 0, 2 * mp * mr / (mp + mr).clamp(min=1e-300), torch.zeros_like(mp))
-        return {"mIoU": 100.0 * float(mj.max()), "maxF": 100.0 * float(f.max())}
+        b2 = SAL_BETA_SQUARED
+        zero = torch.zeros_like(self.beta_tp)
+        prec = torch.where(self.beta_pred > 0, self.beta_tp / self.beta_pred.clamp(min=1), zero)
+        rec = self.beta_tp / self.beta_actual if self.beta_actual > 0 else zero
+        den = b2 * prec + rec
+        fb = torch.where(den > 0, (1 + b2) * prec * rec / den.clamp(min=1e-300), zero)
+        return {"mIoU": 100.0 * float(mj.max()), "maxF": 100.0 * float(f.max()), "maxF_beta": 100.0 * float(fb.max())}
 
 
 class NormalsMetric(TaskMetric):
@@ -393,13 +423,16 @@ class DepthMetric(TaskMetric):
     Valid pixels: ``target != ignore_index`` (and finite). With ``N`` valid pixels, ``g`` the ground truth and
     ``d`` the prediction, both in metres:
 
-    * ``rmse = sqrt(sum (g - d)² / N)`` (metres) over all valid pixels, on the raw prediction;
-    * ``log_rmse = sqrt(sum (log g - log max(d, 1e-6))² / N')`` and ``abs_rel = sum |g - d| / g / N'`` over the
-      valid pixels with ``g > 0`` (``N'`` of them).
+    the prediction is first clamped, ``d = max(d, 1e-9)`` (depth is positive), before *both* errors, as MTLoRA's
+    evaluator does; then
 
-    Source: MTLoRA ``evaluation/eval_depth.py::DepthMeter`` (pixel-pooled rmse and log-rmse). Differences: MTLoRA
-    clamps the prediction to 1e-9 before *both* errors; we clamp (to 1e-6) only inside the log. ``abs_rel`` is the
-    usual NYUD extra (Eigen et al., NeurIPS 2014), not in MTLoRA.
+    * ``rmse = sqrt(sum (g - d)² / N)`` (metres) over all valid pixels;
+    * ``log_rmse = sqrt(sum (log g - log d)² / N')`` and ``abs_rel = sum |g - d| / g / N'`` over the valid pixels
+      with ``g > 0`` (``N'`` of them; MTLoRA divides the log sum by ``N``, which differs only when a valid ground
+      truth is 0, impossible after the readers' ``0 -> invalid``).
+
+    Source: MTLoRA ``evaluation/eval_depth.py::DepthMeter`` (pixel-pooled rmse and log-rmse, ``clamp(min=1e-9)``).
+    ``abs_rel`` is the usual NYUD extra (Eigen et al., NeurIPS 2014), not in MTLoRA.
 
     Args:
         task: task name used in error messages.
@@ -429,7 +462,7 @@ class DepthMetric(TaskMetric):
         target = _single_channel(self.task, target)
         _check_pred(self.task, pred, target, 1)
         target = target.to(pred.device).double()
-        pred = pred.double()
+        pred = pred.double().clamp(min=DEPTH_MIN)
         valid = (target != self.ignore_index) & torch.isfinite(target)
         g, d = target[valid], pred[valid]
         self.n += int(g.numel())
@@ -437,7 +470,7 @@ class DepthMetric(TaskMetric):
         pos = g > 0
         g, d = g[pos], d[pos]
         self.n_pos += int(g.numel())
-        self.sum_log_sq += float(((g.log() - d.clamp(min=1e-6).log()) ** 2).sum())
+        self.sum_log_sq += float(((g.log() - d.log()) ** 2).sum())
         self.sum_abs_rel += float(((g - d).abs() / g).sum())
 
     def compute(self) -> dict[str, float]:
@@ -536,23 +569,17 @@ def build_metric(task: TaskSpec) -> TaskMetric:
     """The evaluation metric of one task (see the module table).
 
     Args:
-        task: the task; ``name``, ``out_channels`` and ``class_names`` are used.
+        task: the task; its :class:`mtbench.tasks.TaskKind` supplies the metric factory (``out_channels`` and
+            ``class_names`` are used by segmentation metrics).
 
     Raises:
         MtbenchError: unknown task name.
     """
-    name = task.name
-    if name in ("semseg", "human_parts"):
-        return SegmentationMetric(task.out_channels, task.class_names, task=name)
-    if name == "sal":
-        return SaliencyMetric(task=name)
-    if name == "normals":
-        return NormalsMetric(task=name)
-    if name == "depth":
-        return DepthMetric(task=name)
-    if name == "edge":
-        return EdgeMetric(task=name)
-    raise MtbenchError(f"no metric for task {name!r}; valid: semseg, human_parts, sal, normals, depth, edge")
+    from mtbench.tasks import TASK_KINDS
+
+    if task.name not in TASK_KINDS:
+        raise MtbenchError(f"no metric for task {task.name!r}; valid: {', '.join(TASK_KINDS)}")
+    return TASK_KINDS[task.name].metric(task)
 
 
 class MultiTaskMetrics:
@@ -625,9 +652,9 @@ def primary_metrics(
     out = {}
     for t in tasks:
         name = _task_name(t)
-        if name not in PRIMARY_METRIC:
-            raise MtbenchError(f"task {name!r} has no primary metric; valid: {', '.join(PRIMARY_METRIC)}")
-        key = PRIMARY_METRIC[name][0]
+        if name not in TASK_KINDS:
+            raise MtbenchError(f"task {name!r} has no primary metric; valid: {', '.join(TASK_KINDS)}")
+        key = TASK_KINDS[name].primary_metric
         if name not in metrics or key not in metrics[name]:
             raise MtbenchError(f"metric {key!r} of task {name!r} missing from the results")
         out[name] = float(metrics[name][key])
@@ -643,9 +670,9 @@ def primary_higher_is_better(tasks: Iterable[TaskSpec | str]) -> dict[str, bool]
     out = {}
     for t in tasks:
         name = _task_name(t)
-        if name not in PRIMARY_METRIC:
-            raise MtbenchError(f"task {name!r} has no primary metric; valid: {', '.join(PRIMARY_METRIC)}")
-        out[name] = PRIMARY_METRIC[name][1]
+        if name not in TASK_KINDS:
+            raise MtbenchError(f"task {name!r} has no primary metric; valid: {', '.join(TASK_KINDS)}")
+        out[name] = TASK_KINDS[name].higher_is_better
     return out
 
 

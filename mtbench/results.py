@@ -6,8 +6,8 @@ directory, then ``os.replace``), so an interrupted run never leaves a partial re
 file is an explicit choice (:data:`EXISTING_POLICIES`).
 
 The single-task references used for Δm live in ``mtbench/assets/single_task_references.json`` (the embedded
-dataset, measured with mtbench's own ``single_task`` run, with provenance) and in
-:data:`mtbench.metrics.SINGLE_TASK_REFERENCES` (the papers' PASCAL-Context numbers).
+dataset, measured with mtbench's own ``single_task`` run, with provenance) and in each dataset's spec
+(:attr:`mtbench.datasets.DatasetSpec.references`: the papers' PASCAL-Context and NYUD numbers, with their source).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class RunInfo(BaseModel):
     seed: int
     backbone: str
     init: str = Field(description="pretrained | random | path of a local checkpoint")
+    preset: str | None = Field(default=None, description="recipe preset (--preset): embedded | paper")
     created_at: str
     git_commit: str | None = None
     git_dirty: bool | None = None
@@ -70,6 +71,8 @@ class RunResult(BaseModel):
     split: str = "test"
     metrics: dict[str, dict[str, float]]
     primary: dict[str, float]
+    protocol: dict[str, Any] = Field(default_factory=dict,
+                                     description="evaluation protocol: label resolution, edge proxy note")
     delta_m: DeltaM
     params: dict[str, Any]
     env: dict[str, Any]
@@ -129,13 +132,14 @@ def load_references(dataset: str) -> tuple[dict[str, float] | None, str | None]:
     Returns ``(None, None)`` when the dataset has none yet (run ``mtbench run --methods single_task`` then
     ``mtbench references``).
     """
-    from mtbench.metrics import SINGLE_TASK_REFERENCES
+    from mtbench.datasets import get_dataset
 
     if REFERENCE_FILE.is_file():
         data = json.loads(REFERENCE_FILE.read_text())
         if dataset in data:
             entry = data[dataset]
             return {k: float(v) for k, v in entry["primary"].items()}, f"{REFERENCE_FILE.name}: {entry['source']}"
-    if dataset in SINGLE_TASK_REFERENCES:
-        return dict(SINGLE_TASK_REFERENCES[dataset]), "MTLoRA CVPR'24 / TADFormer CVPR'25 Table 1, single-task row"
+    spec = get_dataset(dataset)
+    if spec.references:
+        return dict(spec.references), spec.reference_source
     return None, None

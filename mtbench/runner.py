@@ -12,7 +12,7 @@ import os
 import platform
 import subprocess
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,13 +25,28 @@ from mtbench.registry import ResolvedMethod, build_model, resolve_spec
 from mtbench.results import (
     EXISTING_POLICIES, DeltaM, RunInfo, RunResult, TrainInfo, default_mode, load_references, result_path, save_result,
 )
+from mtbench.datasets import get_dataset, resolve_recipe
 from mtbench.swin import create_backbone
 from mtbench.tasks import TaskSpec, resolve_tasks
-from mtbench.train import RECIPES, TrainConfig, evaluate, fit, make_loader, recipe_dict, resolve_device
+from mtbench.train import TrainConfig, evaluate, fit, make_loader, recipe_dict, resolve_device
 
-#: Backbone of each dataset's setting.
-DATASET_BACKBONE = {"synthetic": "swin_embedded", "pascal_context": "swin_tiny_patch4_window7_224",
-                    "nyud": "swin_tiny_patch4_window7_224"}
+#: ``--eval-resolution`` values: ``resized`` evaluates on the labels resized to the input size (MTLoRA's online
+#: evaluation); ``original`` on the labels at their stored resolution, predictions upsampled to it (ASTMT /
+#: MTI-Net's evaluation, the older literature's protocol).
+EVAL_RESOLUTIONS = ("resized", "original")
+
+#: What the edge numbers are, recorded in every result that has the edge task.
+EDGE_PROTOCOL = ("maxF is a pixel-exact proxy (no boundary tolerance, no NMS), not the ODS-F of the edge "
+                 "literature, which needs the external SEISM / BSDS tooling")
+
+
+def __getattr__(name: str):
+    """``DATASET_BACKBONE``: ``{dataset: backbone}`` derived from the dataset specs (kept for existing callers)."""
+    if name == "DATASET_BACKBONE":
+        from mtbench.datasets import dataset_names
+
+        return {n: get_dataset(n).backbone for n in dataset_names()}
+    raise AttributeError(name)
 
 
 @dataclass
@@ -54,6 +69,8 @@ class RunRequest:
     existing: str = "skip"
     train_size: int | None = None
     command: str | None = None
+    preset: str | None = None
+    eval_resolution: str = "resized"
 
 
 @dataclass
@@ -98,8 +115,12 @@ def plan(req: RunRequest) -> tuple[list[TaskSpec], list[PlannedRun], TrainConfig
     """
     if req.existing not in EXISTING_POLICIES:
         raise MtbenchError(f"unknown --existing {req.existing!r}; valid: {', '.join(EXISTING_POLICIES)}")
-    if req.dataset not in DATASET_BACKBONE:
-        raise MtbenchError(f"unknown dataset {req.dataset!r}; valid: {', '.join(DATASET_BACKBONE)}")
+    spec = get_dataset(req.dataset)
+    if req.eval_resolution not in EVAL_RESOLUTIONS:
+        raise MtbenchError(f"unknown --eval-resolution {req.eval_resolution!r}; valid: {', '.join(EVAL_RESOLUTIONS)}")
+    if req.eval_resolution == "original" and spec.data_dir is None:
+        raise MtbenchError(f"--eval-resolution original needs a dataset read from files; {req.dataset!r} is rendered "
+                           "at its input size")
     if req.init not in ("pretrained", "random"):
         raise MtbenchError(f"unknown --init {req.init!r}; valid: pretrained, random")
     if req.weights is not None and not Path(req.weights).is_file():
@@ -107,11 +128,8 @@ def plan(req: RunRequest) -> tuple[list[TaskSpec], list[PlannedRun], TrainConfig
     if req.data_root is not None and not Path(req.data_root).is_dir():
         raise MtbenchError(f"data root not found: {req.data_root!r}")
     tasks = resolve_tasks(req.dataset, req.tasks)
-    recipe = RECIPES[req.dataset]
-    overrides = {k: v for k, v in (("epochs", req.epochs), ("batch_size", req.batch_size), ("lr", req.lr))
-                 if v is not None}
-    recipe = replace(recipe, max_train_batches=req.max_train_batches, **overrides)
-    recipe.validate()
+    req.preset, recipe = resolve_recipe(req.dataset, req.preset, epochs=req.epochs, batch_size=req.batch_size,
+                                        lr=req.lr, max_train_batches=req.max_train_batches)
     runs = []
     for spec in parse_method_specs(req.methods):
         rm = resolve_spec(spec)
@@ -132,7 +150,9 @@ def plan(req: RunRequest) -> tuple[list[TaskSpec], list[PlannedRun], TrainConfig
     return tasks, runs, recipe
 
 
-def build_datasets(req: RunRequest, tasks: list[TaskSpec]):
+def build_datasets(req: RunRequest, tasks: list[TaskSpec], recipe: TrainConfig | None = None):
+    """``(train, val, test)`` datasets: train with the recipe's augmentation (``flip`` when no recipe is given),
+    test with labels at ``req.eval_resolution``."""
     from mtbench.data import build_dataset
 
     names = [t.name for t in tasks]
@@ -140,15 +160,34 @@ def build_datasets(req: RunRequest, tasks: list[TaskSpec]):
     train_kw = dict(kw)
     if req.train_size is not None:
         train_kw["n"] = req.train_size
-    return (build_dataset(req.dataset, "train", train_aug=True, **train_kw),
-            build_dataset(req.dataset, "val", **kw), build_dataset(req.dataset, "test", **kw))
+    augment = recipe.augment if recipe is not None else "flip"
+    return (build_dataset(req.dataset, "train", train_aug=augment, **train_kw),
+            build_dataset(req.dataset, "val", **kw),
+            build_dataset(req.dataset, "test", label_resolution=req.eval_resolution, **kw))
+
+
+def evaluation_protocol(req: RunRequest, tasks: list[TaskSpec]) -> dict:
+    """What the test metrics were computed on, recorded in the result file."""
+    spec = get_dataset(req.dataset)
+    out = {
+        "split": "test",
+        "label_resolution": req.eval_resolution,
+        "description": (f"labels resized to {spec.img_size}x{spec.img_size} (nearest; MTLoRA's online evaluation)"
+                        if req.eval_resolution == "resized" else
+                        "labels at their stored resolution, predictions upsampled to it (nearest for segmentation, "
+                        "bilinear otherwise; ASTMT / MTI-Net's evaluation)"),
+        "source": "MTLoRA evaluation/ (scale-lab/MTLoRA), see mtbench.metrics",
+    }
+    if any(t.name == "edge" for t in tasks):
+        out["edge"] = EDGE_PROTOCOL
+    return out
 
 
 def run_one(req: RunRequest, tasks: list[TaskSpec], planned: PlannedRun, recipe: TrainConfig, datasets,
             device: torch.device, progress=None) -> RunResult:
     """Train and evaluate one method; write its result file atomically and return it."""
     torch.manual_seed(req.seed)
-    backbone_name = DATASET_BACKBONE[req.dataset]
+    backbone_name = get_dataset(req.dataset).backbone
     init = req.weights or req.init
     backbone = create_backbone(backbone_name, pretrained=(req.init == "pretrained"), weights=req.weights)
     model = build_model(planned.method, backbone, tasks)
@@ -160,8 +199,9 @@ def run_one(req: RunRequest, tasks: list[TaskSpec], planned: PlannedRun, recipe:
         on_step, on_epoch = progress.callbacks(planned.method.label, recipe)
     fitted = fit(model, train_set, val_set, tasks, recipe, device, seed=req.seed, references=references,
                  on_step=on_step, on_epoch=on_epoch)
-    test_metrics, _ = evaluate(model, make_loader(test_set, recipe.batch_size, False, recipe.num_workers, 0), tasks,
-                               device, recipe.amp)
+    original = req.eval_resolution == "original"  # labels of different sizes: one image per batch
+    test_loader = make_loader(test_set, 1 if original else recipe.batch_size, False, recipe.num_workers, 0, recipe)
+    test_metrics, _ = evaluate(model, test_loader, tasks, device, recipe.amp, match_target_size=original)
     prim = primary_metrics(test_metrics, tasks)
     dm = None
     if references and all(t.name in references for t in tasks):
@@ -172,14 +212,13 @@ def run_one(req: RunRequest, tasks: list[TaskSpec], planned: PlannedRun, recipe:
         run=RunInfo(method=rm.name, variant=planned.path.parent.name,
                     label=rm.label + (" [random init]" if req.init == "random" else ""), options=rm.config.to_dict(),
                     dataset=req.dataset, tasks=[t.name for t in tasks], seed=req.seed, backbone=backbone_name,
-                    init=str(init), created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                    init=str(init), preset=req.preset, created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     git_commit=commit, git_dirty=dirty, command=req.command),
         train=TrainInfo(recipe=recipe_dict(recipe), best_epoch=fitted.best_epoch, selection=fitted.selection,
                         history=fitted.history, train_time_s=round(fitted.train_time_s, 2),
                         images_per_s=round(fitted.images_per_s, 2), device=str(device)),
-        metrics=test_metrics, primary=prim,
-        delta_m=DeltaM(value=dm, references=references if dm is not None else None,
-                       reference_source=ref_source if dm is not None else None),
+        metrics=test_metrics, primary=prim, protocol=evaluation_protocol(req, tasks),
+        delta_m=DeltaM(value=dm, references=references, reference_source=ref_source),
         params=params.to_dict(), env=environment(device),
     )
     save_checkpoint(model, checkpoint_path(planned.path))
@@ -255,5 +294,6 @@ def set_threads() -> None:
     torch.set_num_threads(max(1, n))
 
 
-__all__ = ["RunRequest", "plan", "run_one", "build_datasets", "DATASET_BACKBONE", "resolve_device", "default_command",
+__all__ = ["RunRequest", "plan", "run_one", "build_datasets", "evaluation_protocol", "EVAL_RESOLUTIONS",
+           "resolve_device", "default_command",
            "set_threads", "load_trained", "save_checkpoint"]

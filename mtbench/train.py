@@ -7,9 +7,14 @@ evaluates on the validation split and keeps the best state (checkpoint selection
 the best validation Δm against the dataset's single-task references when they exist, otherwise the lowest weighted
 validation loss. ``evaluate`` computes whole-split metrics.
 
-Recipes: :data:`RECIPES` gives the per-dataset defaults. The papers' setting follows MTLoRA's official recipe
-(``config.py`` defaults, README): 300 epochs, batch 32, base LR 5e-4 linearly scaled by batch/512, warm-up 20 epochs,
-weight decay 0.05.
+Recipes: every dataset's named presets (``embedded``, ``paper``) live in its spec
+(:mod:`mtbench.datasets`, :func:`mtbench.datasets.resolve_recipe`). The papers' preset follows MTLoRA's official
+recipe (``config.py`` defaults, README): 300 epochs, batch 32, base LR 5e-4 linearly scaled by batch/512, warm-up 20
+epochs, weight decay 0.05.
+
+Data errors: a sample that cannot be read (missing or corrupted file, wrong label size) reaches the training loop as
+one :class:`MtbenchError` naming the file and the sample index, also from DataLoader worker processes
+(:func:`make_loader` wraps the dataset in :class:`mtbench.data.SafeDataset`).
 """
 
 from __future__ import annotations
@@ -46,6 +51,13 @@ class TrainConfig:
         num_workers: DataLoader workers.
         amp: mixed precision; only ever used on CUDA.
         max_train_batches: stop each epoch after this many batches (0 = no limit; for smoke tests).
+        no_decay_position_tables: also exempt Swin's relative-position bias tables from weight decay (the papers'
+            preset; Swin's ``no_weight_decay_keywords``). 1-D parameters (norms, biases) are always exempt.
+        augment: training-split augmentation the runner builds the dataset with: ``flip`` (random horizontal flip)
+            or ``paper`` (flip, then ScaleNRotate with the dataset's ranges; :mod:`mtbench.data.transforms`).
+        pin_memory: page-locked host batches (only takes effect on CUDA).
+        persistent_workers: keep DataLoader workers alive between epochs (only with ``num_workers > 0``).
+        prefetch_factor: batches each worker loads ahead (None: torch's default; only with ``num_workers > 0``).
     """
 
     epochs: int = 6
@@ -59,24 +71,21 @@ class TrainConfig:
     num_workers: int = 0
     amp: bool = True
     max_train_batches: int = 0
+    no_decay_position_tables: bool = False
+    augment: str = "flip"
+    pin_memory: bool = True
+    persistent_workers: bool = False
+    prefetch_factor: int | None = None
 
     def validate(self) -> None:
+        if self.augment not in ("flip", "paper"):
+            raise MtbenchError(f"unknown augment {self.augment!r}; valid: flip, paper")
         if self.epochs < 1:
             raise MtbenchError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise MtbenchError(f"batch size must be >= 1, got {self.batch_size}")
         if not self.lr > 0:
             raise MtbenchError(f"learning rate must be > 0, got {self.lr}")
-
-
-#: Default recipe per dataset. Embedded: sized so that the main job runs in minutes on 2 CPU cores.
-RECIPES = {
-    "synthetic": TrainConfig(),
-    "pascal_context": TrainConfig(epochs=300, batch_size=32, lr=5e-4 * 32 / 512, min_lr=5e-6 * 32 / 512,
-                                  warmup_epochs=20, eval_every=5, num_workers=4),
-    "nyud": TrainConfig(epochs=300, batch_size=32, lr=5e-4 * 32 / 512, min_lr=5e-6 * 32 / 512,
-                        warmup_epochs=20, eval_every=5, num_workers=4),
-}
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -97,22 +106,52 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def move_batch(batch: dict, device: torch.device) -> dict:
+    """Tensors of a batch on ``device``.
+
+    Raises:
+        MtbenchError: the batch carries a data error from :class:`mtbench.data.SafeDataset` (one line naming the
+            file and the sample index).
+    """
+    from mtbench.data import raise_batch_error
+
+    raise_batch_error(batch)
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int) -> DataLoader:
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int,
+                cfg: TrainConfig | None = None) -> DataLoader:
+    """A DataLoader over ``dataset`` wrapped in :class:`mtbench.data.SafeDataset` (data errors become one line).
+
+    ``cfg`` supplies ``pin_memory`` (used only when CUDA is available), ``persistent_workers`` and
+    ``prefetch_factor`` (used only with ``num_workers > 0``). ``num_workers`` is capped at the number of CPU cores.
+    """
+    import os
+
+    from mtbench.data import SafeDataset, safe_collate
+
+    num_workers = min(num_workers, os.cpu_count() or 1)
     g = torch.Generator()
     g.manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, generator=g,
-                      drop_last=False, pin_memory=torch.cuda.is_available())
+    kw = {}
+    if num_workers > 0 and cfg is not None:
+        kw["persistent_workers"] = cfg.persistent_workers
+        if cfg.prefetch_factor is not None:
+            kw["prefetch_factor"] = cfg.prefetch_factor
+    pin = torch.cuda.is_available() and (cfg.pin_memory if cfg is not None else True)
+    return DataLoader(SafeDataset(dataset), batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                      generator=g, drop_last=False, pin_memory=pin, collate_fn=safe_collate, **kw)
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over trainable parameters; no weight decay on 1-D ones (MTLoRA's ``optimizer.py`` rule)."""
+    """AdamW over trainable parameters; no weight decay on 1-D ones (MTLoRA's ``optimizer.py`` rule) and, with
+    ``cfg.no_decay_position_tables``, none on the relative-position bias tables (role ``rel_pos`` of
+    :meth:`mtbench.model.MultiTaskModel.param_category`; Swin's ``no_weight_decay_keywords``)."""
     decay, no_decay = [], []
+    category = getattr(model, "param_category", None) if cfg.no_decay_position_tables else None
     for p in model.parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
+            exempt = p.ndim <= 1 or (category is not None and category(p)[1] == "rel_pos")
+            (no_decay if exempt else decay).append(p)
     if not decay and not no_decay:
         raise MtbenchError("the model has no trainable parameters")
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -121,8 +160,13 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, tasks: list[TaskSpec], device: torch.device,
-             amp: bool = False) -> tuple[dict[str, dict[str, float]], float]:
+             amp: bool = False, match_target_size: bool = False) -> tuple[dict[str, dict[str, float]], float]:
     """Whole-split metrics and mean weighted loss.
+
+    Args:
+        match_target_size: bring each prediction ``[B,C,S,S]`` to its target's ``H,W`` first (nearest for
+            segmentation logits, bilinear otherwise; :attr:`mtbench.tasks.TaskKind.upsample`): the evaluation at
+            the original label resolution (then batches hold one image each).
 
     Returns:
         ``({task: {metric: value}}, mean weighted loss per batch)``.
@@ -136,11 +180,29 @@ def evaluate(model: nn.Module, loader: DataLoader, tasks: list[TaskSpec], device
         with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
             preds = model(batch["image"])
         preds = {k: v.float() for k, v in preds.items()}
+        if match_target_size:
+            preds = resize_to_targets(preds, batch)
         loss, _ = criterion(preds, batch)
         total += float(loss)
         batches += 1
         metrics.update(preds, batch)
     return metrics.compute(), total / max(batches, 1)
+
+
+def resize_to_targets(preds: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
+    """Predictions ``[B,C,S,S]`` resized to their targets' ``H,W`` (``nearest`` or ``bilinear`` per task spec,
+    ``align_corners=False``); predictions already at the target size are returned unchanged."""
+    from mtbench.tasks import task_kind
+
+    out = {}
+    for k, v in preds.items():
+        size = tuple(batch[k].shape[-2:]) if k in batch else tuple(v.shape[-2:])
+        if size != tuple(v.shape[-2:]):
+            mode = task_kind(k).upsample
+            v = torch.nn.functional.interpolate(v, size=size, mode=mode,
+                                                **({"align_corners": False} if mode == "bilinear" else {}))
+        out[k] = v
+    return out
 
 
 @dataclass
@@ -196,8 +258,8 @@ def fit(
     cfg.validate()
     model.to(device)
     criterion = MultiTaskLoss(tasks)
-    loader = make_loader(train_set, cfg.batch_size, True, cfg.num_workers, seed)
-    val_loader = make_loader(val_set, cfg.batch_size, False, cfg.num_workers, seed)
+    loader = make_loader(train_set, cfg.batch_size, True, cfg.num_workers, seed, cfg)
+    val_loader = make_loader(val_set, cfg.batch_size, False, cfg.num_workers, seed, cfg)
     steps_per_epoch = len(loader) if not cfg.max_train_batches else min(len(loader), cfg.max_train_batches)
     total_steps = steps_per_epoch * cfg.epochs
     optimizer = build_optimizer(model, cfg)

@@ -302,8 +302,8 @@ def pascal_root(tmp_path):
         nrm[:, :10] = (255, 128, 128)  # ~ (1, 0, 0)
         nrm[:, 20:] = (127, 128, 128)  # ~ zero vector: invalid
         _png(root / "normals_distill" / f"{sid}.png", nrm)
-        lm = np.zeros((H, W), np.uint16)
-        lm[H // 2 :] = 7
+        lm = np.full((H, W), 22, np.uint16)  # context class 22 'bench': NYU-compatible, normals valid
+        lm[-4:] = 7  # context class 7 'atrium': not in the NYU list, normals masked
         (root / "pascal-context" / "trainval").mkdir(parents=True, exist_ok=True)
         scipy.io.savemat(root / "pascal-context" / "trainval" / f"{sid}.mat", {"LabelMap": lm})
         (root / "human_parts").mkdir(exist_ok=True)
@@ -346,6 +346,7 @@ def test_pascal_reader(pascal_root):
     torch.testing.assert_close(n[:, 8, 1], torch.tensor([1.0, 0.0, 0.0]), atol=0.02, rtol=0)
     torch.testing.assert_close(n[:, 8, 8], torch.tensor([0.0, 0.0, 1.0]), atol=0.02, rtol=0)
     assert (n[:, :, -3:] == IGNORE_INDEX).all()
+    assert (n[:, 13:] == IGNORE_INDEX).all() and (n[:, :12, :4] != IGNORE_INDEX).all()  # class mask (atrium rows)
     valid = n[0] != IGNORE_INDEX
     torch.testing.assert_close(n[:, valid].norm(dim=0), torch.ones(int(valid.sum())))
     # the simplified part-map form

@@ -136,22 +136,42 @@ def test_saliency_max_over_thresholds():
     pred = torch.log(probs / (1 - probs)).reshape(1, 1, 2, 2)
     gt = torch.tensor([1.0, 1.0, 0.0, 0.0]).reshape(1, 1, 2, 2)
     # tau 0.3: pred [1,1,1,0] J 2/3 P 2/3 R 1 F 0.8; tau 0.5: exact, J 1 F 1; tau 0.7: [1,0,0,0] J 1/2 F 2/3
+    # maxF_beta uses its own fixed thresholds 0.05..0.95: any tau in (0.4, 0.6] separates exactly -> 100
     m = SaliencyMetric(thresholds=(0.3, 0.7))
     m.update(pred, gt)
-    assert m.compute() == pytest.approx({"mIoU": 100 * 2 / 3, "maxF": 80.0})
+    assert m.compute() == pytest.approx({"mIoU": 100 * 2 / 3, "maxF": 80.0, "maxF_beta": 100.0})
     m = SaliencyMetric(thresholds=(0.3, 0.5, 0.7))
     m.update(pred, gt)
-    assert m.compute() == pytest.approx({"mIoU": 100.0, "maxF": 100.0})
+    assert m.compute() == pytest.approx({"mIoU": 100.0, "maxF": 100.0, "maxF_beta": 100.0})
+
+
+def test_saliency_beta_maxf_pooled_by_hand():
+    # image 1: probs [0.92, 0.37], gt [1, 1]; image 2: probs [0.63, 0.12], gt [0, 0] (2 positives in the split)
+    # tau 0.05-0.10: all 4 predicted, TP 2: P 1/2, R 1 -> F = 1.3 * 0.5 / (0.15 + 1)   = 0.5652
+    # tau 0.15-0.35: 0.92, 0.37, 0.63,  TP 2: P 2/3, R 1 -> F = 1.3 * 2/3 / (0.2 + 1)  = 0.7222
+    # tau 0.40-0.60: 0.92, 0.63,        TP 1: P 1/2, R 1/2 -> F = 1.3 * 0.25 / 0.65    = 0.5
+    # tau 0.65-0.90: 0.92,              TP 1: P 1, R 1/2 -> F = 1.3 * 0.5 / (0.3 + 0.5) = 0.8125  <- max
+    # (with beta^2 = 1 the max would be 0.8 at tau 0.15: beta^2 = 0.3 weighs precision more)
+    probs = torch.tensor([[0.92, 0.37], [0.63, 0.12]], dtype=torch.float64)
+    pred = torch.log(probs / (1 - probs)).reshape(2, 1, 1, 2)
+    gt = torch.tensor([[1.0, 1.0], [0.0, 0.0]]).reshape(2, 1, 1, 2)
+    m = SaliencyMetric()
+    m.update(pred[:1], gt[:1])
+    m.update(pred[1:], gt[1:])  # pooled over the split: same as one batch
+    assert m.compute()["maxF_beta"] == pytest.approx(81.25)
+    m2 = SaliencyMetric()
+    m2.update(pred, gt)
+    assert m2.compute()["maxF_beta"] == pytest.approx(81.25)
 
 
 def test_saliency_empty_mask_conventions():
     gt = torch.zeros(1, 1, 2, 2)
     m = SaliencyMetric(thresholds=(0.5,))
     m.update(torch.full((1, 1, 2, 2), -L), gt)  # both empty: J = 1, but P = R = 0
-    assert m.compute() == pytest.approx({"mIoU": 100.0, "maxF": 0.0})
+    assert m.compute() == pytest.approx({"mIoU": 100.0, "maxF": 0.0, "maxF_beta": 0.0})
     m.reset()
     m.update(torch.full((1, 1, 2, 2), L), gt)  # empty gt, full prediction: J = 0
-    assert m.compute() == pytest.approx({"mIoU": 0.0, "maxF": 0.0})
+    assert m.compute() == pytest.approx({"mIoU": 0.0, "maxF": 0.0, "maxF_beta": 0.0})
     m.reset()
     assert math.isnan(m.compute()["mIoU"])
 
@@ -217,8 +237,19 @@ def test_depth_pooled_and_nonpositive_prediction():
     m.reset()
     m.update(torch.tensor([[[[-1.0]]]]), torch.tensor([[[[1.0]]]]))
     out = m.compute()
-    assert out["rmse"] == pytest.approx(2.0)  # raw prediction
-    assert out["log_rmse"] == pytest.approx(abs(math.log(1e-6)))  # clamped inside the log
+    # MTLoRA's DepthMeter clamps the prediction to 1e-9 before both errors: |1 - 1e-9|, not |1 - (-1)| = 2
+    assert out["rmse"] == pytest.approx(1.0 - 1e-9, abs=1e-12)
+    assert out["log_rmse"] == pytest.approx(abs(math.log(1e-9)))
+
+
+def test_depth_clamp_by_hand_two_pixels():
+    # valid pixels: gt 2 with pred -0.5 (-> 1e-9) and gt 4 with pred 3; the 255 pixel is ignored
+    m = DepthMetric()
+    m.update(torch.tensor([-0.5, 3.0, 7.0]).reshape(1, 1, 1, 3), torch.tensor([2.0, 4.0, 255.0]).reshape(1, 1, 1, 3))
+    out = m.compute()
+    assert out["rmse"] == pytest.approx(math.sqrt(((2 - 1e-9) ** 2 + 1) / 2))
+    assert out["log_rmse"] == pytest.approx(math.sqrt(((math.log(2) - math.log(1e-9)) ** 2
+                                                       + (math.log(4) - math.log(3)) ** 2) / 2))
     m.reset()
     assert math.isnan(m.compute()["rmse"])
 

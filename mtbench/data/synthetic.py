@@ -870,3 +870,46 @@ __all__ = [
     "upstream_targets",
     "save_preview",
 ]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The dataset spec (everything mtbench knows about this dataset, in one place)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _read(root, split, *, tasks=None, img_size=64, augment=None, n=None, label_resolution="resized", seed=0):
+    """Reader of the spec: :class:`SyntheticMultiTask` (labels are rendered at ``img_size``, so both label
+    resolutions are the same; only the ``flip`` augmentation exists here)."""
+    from mtbench.errors import MtbenchError
+
+    if augment not in (None, "flip"):
+        raise MtbenchError(f"dataset 'synthetic' has no {augment!r} augmentation; valid: flip")
+    return SyntheticMultiTask(split, n=n, img_size=img_size, tasks=tasks, seed=seed, cache_dir=root,
+                              train_aug=augment == "flip")
+
+
+def _register() -> None:
+    from mtbench.datasets import DatasetSpec, RecipePreset, register_dataset
+    from mtbench.train import TrainConfig
+
+    classes = {"semseg": tuple(SEMSEG_NAMES), "human_parts": tuple(PART_NAMES)}
+    register_dataset(DatasetSpec(
+        name="synthetic",
+        title="embedded synthetic scenes (64x64)",
+        tasks={t: classes.get(t, ()) for t in TASKS},
+        default_tasks=("semseg", "human_parts", "sal", "normals"),
+        splits=SPLITS,
+        backbone="swin_embedded",
+        img_size=64,
+        presets={"embedded": RecipePreset(
+            "embedded", TrainConfig(), "the embedded default: 6 epochs, batch 32, LR 1e-3, 1 warm-up epoch, flip",
+            source="mtbench: sized so that the main job fits in about 10 minutes on 2 CPU cores")},
+        reader=_read,
+        published="generated on first use (mtbench/data/synthetic.py), cached under $MTBENCH_CACHE",
+        expected_counts=dict(SPLIT_SIZES),
+    ))
+    # The embedded dataset's Δm references are mtbench's own single_task run, shipped in
+    # mtbench/assets/single_task_references.json (mtbench.results.load_references reads that file first).
+
+
+_register()
