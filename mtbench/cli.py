@@ -107,7 +107,7 @@ def run(
     todo = []
     for r in runs:
         if r.path.exists() and existing == "skip":
-            console.print(f"[yellow]skip[/yellow] {r.method.label}: result exists at {r.path} "
+            console.print(f"[yellow]skip[/yellow] {r.identity.label()}: result exists at {r.path} "
                           "(use --existing overwrite to replace it)")
         else:
             todo.append(r)
@@ -123,7 +123,7 @@ def run(
             result = run_one(req, task_specs, r, recipe, datasets, dev, progress)
             dm = result.delta_m.value
             progress.progress.console.print(
-                f"[green]done[/green] {r.method.label}: " + ", ".join(f"{t} {v:.2f}" for t, v in result.primary.items())
+                f"[green]done[/green] {r.identity.label()}: " + ", ".join(f"{t} {v:.2f}" for t, v in result.primary.items())
                 + (f", Δm {dm:+.2f}%" if dm is not None else "") + f", #TP {result.params['trainable']:,} -> {r.path}")
 
 
@@ -147,6 +147,8 @@ def table(
     console.print(t)
     console.print(f"Δm references: {ref_source}" if ref_source else
                   "Δm: no single-task references yet (mtbench run --methods single_task; mtbench references)")
+    for w in tab.attrs.get("warnings", []):
+        console.print(f"[yellow]warning[/yellow] {escape(w)}")
     for p in write_table(tab, out_dir, dataset, ref_source):
         console.print(f"wrote {p}")
 

@@ -19,11 +19,12 @@ import torch
 
 from mtbench.config import parse_method_specs
 from mtbench.errors import MtbenchError
+from mtbench.identity import RunIdentity, make_identity
 from mtbench.measure import count_params
 from mtbench.metrics import delta_m, primary_higher_is_better, primary_metrics
 from mtbench.registry import ResolvedMethod, build_model, resolve_spec
 from mtbench.results import (
-    EXISTING_POLICIES, DeltaM, RunInfo, RunResult, TrainInfo, default_mode, load_references, result_path, save_result,
+    EXISTING_POLICIES, DeltaM, RunInfo, RunResult, TrainInfo, default_mode, load_references, save_result,
 )
 from mtbench.swin import create_backbone
 from mtbench.tasks import TaskSpec, resolve_tasks
@@ -54,12 +55,18 @@ class RunRequest:
     existing: str = "skip"
     train_size: int | None = None
     command: str | None = None
+    #: Identity fields with a single value today (None = the dataset's default, :func:`mtbench.identity.setting_defaults`);
+    #: the per-run ``--decoder``, ``--preset`` and evaluation-protocol options fill them.
+    decoder: str | None = None
+    preset: str | None = None
+    eval_protocol: str | None = None
 
 
 @dataclass
 class PlannedRun:
     method: ResolvedMethod
     path: Path
+    identity: RunIdentity | None = None
 
 
 def git_info() -> tuple[str | None, bool | None]:
@@ -112,24 +119,32 @@ def plan(req: RunRequest) -> tuple[list[TaskSpec], list[PlannedRun], TrainConfig
                  if v is not None}
     recipe = replace(recipe, max_train_batches=req.max_train_batches, **overrides)
     recipe.validate()
+    if req.train_size is not None and req.train_size < 1:
+        raise MtbenchError(f"--train-size must be >= 1, got {req.train_size}")
     runs = []
     for spec in parse_method_specs(req.methods):
         rm = resolve_spec(spec)
-        variant = rm.variant_key
-        if req.init == "random":
-            variant += "_init=random"
-        if req.tasks:
-            variant += "_tasks=" + "+".join(t.name for t in tasks)
-        path = result_path(req.results_dir, req.dataset, rm.name, variant, req.seed)
+        ident = run_identity(req, rm, tasks, recipe)
+        path = ident.result_path(req.results_dir, req.seed)
         if path.exists() and req.existing == "error":
             raise MtbenchError(f"result exists: {path}; pass --existing skip or --existing overwrite")
-        runs.append(PlannedRun(rm, path))
+        runs.append(PlannedRun(rm, path, ident))
     seen = set()
     for r in runs:
         if r.path in seen:
             raise MtbenchError(f"method {r.method.spec.label()!r} is listed twice")
         seen.add(r.path)
     return tasks, runs, recipe
+
+
+def run_identity(req: RunRequest, rm: ResolvedMethod, tasks: list[TaskSpec], recipe: TrainConfig) -> RunIdentity:
+    """The identity of one planned run (:mod:`mtbench.identity`): everything that can change its numbers except
+    the seed. New per-run choices (decoder, preset, evaluation protocol) enter here."""
+    return make_identity(method=rm.name, variant=rm.variant, options=rm.config.to_dict(), dataset=req.dataset,
+                         tasks=[t.name for t in tasks], init=req.init, weights=req.weights,
+                         backbone=DATASET_BACKBONE[req.dataset], decoder=req.decoder, preset=req.preset,
+                         eval_protocol=req.eval_protocol, recipe=recipe_dict(recipe),
+                         preset_recipe=recipe_dict(RECIPES[req.dataset]), train_size=req.train_size)
 
 
 def build_datasets(req: RunRequest, tasks: list[TaskSpec]):
@@ -157,7 +172,8 @@ def run_one(req: RunRequest, tasks: list[TaskSpec], planned: PlannedRun, recipe:
     train_set, val_set, test_set = datasets
     on_step = on_epoch = None
     if progress is not None:
-        on_step, on_epoch = progress.callbacks(planned.method.label, recipe)
+        on_step, on_epoch = progress.callbacks(planned.identity.label() if planned.identity else planned.method.label,
+                                               recipe)
     fitted = fit(model, train_set, val_set, tasks, recipe, device, seed=req.seed, references=references,
                  on_step=on_step, on_epoch=on_epoch)
     test_metrics, _ = evaluate(model, make_loader(test_set, recipe.batch_size, False, recipe.num_workers, 0), tasks,
@@ -170,14 +186,14 @@ def run_one(req: RunRequest, tasks: list[TaskSpec], planned: PlannedRun, recipe:
     rm = planned.method
     result = RunResult(
         run=RunInfo(method=rm.name, variant=planned.path.parent.name,
-                    label=rm.label + (" [random init]" if req.init == "random" else ""), options=rm.config.to_dict(),
+                    label=planned.identity.label() if planned.identity else rm.label, options=rm.config.to_dict(),
                     dataset=req.dataset, tasks=[t.name for t in tasks], seed=req.seed, backbone=backbone_name,
                     init=str(init), created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     git_commit=commit, git_dirty=dirty, command=req.command),
         train=TrainInfo(recipe=recipe_dict(recipe), best_epoch=fitted.best_epoch, selection=fitted.selection,
                         history=fitted.history, train_time_s=round(fitted.train_time_s, 2),
                         images_per_s=round(fitted.images_per_s, 2), device=str(device)),
-        metrics=test_metrics, primary=prim,
+        identity=planned.identity, metrics=test_metrics, primary=prim,
         delta_m=DeltaM(value=dm, references=references if dm is not None else None,
                        reference_source=ref_source if dm is not None else None),
         params=params.to_dict(), env=environment(device),
