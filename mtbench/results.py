@@ -55,6 +55,8 @@ class TrainInfo(BaseModel):
     train_time_s: float
     images_per_s: float
     device: str
+    resumes: list[dict[str, Any]] = Field(default_factory=list, description="one entry per resume from a checkpoint")
+    processes: int = Field(1, description="data-parallel processes (torchrun)")
 
 
 class DeltaM(BaseModel):
