@@ -1,6 +1,7 @@
 """The ``mtbench`` command line (Typer).
 
-Commands: ``list``, ``run``, ``table``, ``params``, ``references``, ``pretrain``, ``attention``, ``data check``. Every user error
+Commands: ``list``, ``run``, ``eval``, ``status``, ``table``, ``params``, ``references``, ``pretrain``,
+``attention``, ``data check``. Every user error
 (:class:`mtbench.errors.MtbenchError`) prints one line ``error: ...`` on stderr and exits with code 2.
 """
 
@@ -75,6 +76,18 @@ class _RichProgress:
         return on_step, on_epoch
 
 
+def _int_list(text: str | None, flag: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise MtbenchError(f"{flag} {text!r} is not a comma-separated list of integers, e.g. 0,1,2") from None
+    if not values:
+        raise MtbenchError(f"{flag} is empty; give e.g. 0,1,2")
+    return values
+
+
 @app.command()
 def run(
     methods: str = typer.Option(..., "--methods", "-m", help="methods and options, e.g. 'mtlora:r=32,lora:r=8'; "
@@ -85,6 +98,7 @@ def run(
     batch_size: Optional[int] = typer.Option(None, help="override the recipe's batch size"),
     lr: Optional[float] = typer.Option(None, help="override the recipe's peak learning rate"),
     seed: int = typer.Option(0, help="seed of initialisation and data order"),
+    seeds: Optional[str] = typer.Option(None, help="run every method once per seed, e.g. 0,1,2 (overrides --seed)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (AMP is used only on CUDA)"),
     data_root: Optional[str] = typer.Option(None, help="dataset root (PASCAL_MT/ or NYUD_MT/ directory)"),
     weights: Optional[str] = typer.Option(None, help="local backbone checkpoint (timm or original Swin format)"),
@@ -97,39 +111,128 @@ def run(
                                          "and training transforms; real datasets)"),
     eval_resolution: str = typer.Option("resized", help="test labels: resized (MTLoRA, 448x448) | original "
                                         "(stored resolution, the older literature's protocol)"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the run's checkpoint (the default when one "
+                                "exists)"),
+    restart: bool = typer.Option(False, "--restart", help="discard an existing checkpoint and start from scratch"),
+    checkpoint_minutes: float = typer.Option(10.0, help="also checkpoint every N minutes of training (0 = only "
+                                             "after evaluations)"),
+    jobs: int = typer.Option(1, help="run up to N (method, seed) runs at once, each in its own process"),
+    launcher: Optional[str] = typer.Option(None, help="submit one job per (method, seed) through submitit: slurm | "
+                                           "local"),
+    partition: Optional[str] = typer.Option(None, help="SLURM partition (--launcher slurm)"),
+    gpus_per_job: int = typer.Option(1, help="GPUs per job (--launcher); 0 = a CPU job"),
+    time: str = typer.Option("24:00", "--time", help="wall-clock limit per job, HH:MM (--launcher)"),
+    wait: bool = typer.Option(False, "--wait", help="wait for submitted jobs to end (always with --launcher local)"),
+    no_record: bool = typer.Option(False, "--no-record", hidden=True, help="do not record a sweep (child runs)"),
 ) -> None:
-    """Train, select on validation, evaluate on test, and write one result file per method."""
-    from mtbench.runner import RunRequest, build_datasets, default_command, plan, resolve_device, run_one, set_threads
+    """Train, select on validation, evaluate on test, and write one result file per method and seed."""
+    from mtbench import distributed
+    from mtbench.launch import record_sweep, run_jobs, submit
+    from mtbench.runner import RunRequest, default_command, execute, plan
 
+    if resume and restart:
+        raise MtbenchError("--resume and --restart exclude each other")
+    if jobs < 1:
+        raise MtbenchError(f"--jobs must be >= 1, got {jobs}")
     req = RunRequest(methods=methods, dataset=dataset, tasks=[t.strip() for t in tasks.split(",")] if tasks else None,
                      seed=seed, device=device, epochs=epochs, batch_size=batch_size, lr=lr,
                      max_train_batches=max_train_batches, data_root=data_root, weights=weights, init=init,
                      results_dir=results_dir, existing=existing, train_size=train_size, command=default_command(),
-                     preset=preset, eval_resolution=eval_resolution)
-    task_specs, runs, recipe = plan(req)
-    dev = resolve_device(device)
-    set_threads()
-    todo = []
-    for r in runs:
-        if r.path.exists() and existing == "skip":
-            console.print(f"[yellow]skip[/yellow] {r.method.label}: result exists at {r.path} "
-                          "(use --existing overwrite to replace it)")
-        else:
-            todo.append(r)
-    if not todo:
+                     preset=preset, eval_resolution=eval_resolution,
+                     seeds=_int_list(seeds, "--seeds"), restart=restart, checkpoint_minutes=checkpoint_minutes)
+    _, runs, _ = plan(req)
+    todo = [r for r in runs if not (r.path.exists() and existing == "skip")]
+    if launcher is not None:
+        jobs_ = submit(req, todo, launcher, partition, gpus_per_job, time, log=console.print)
+        record_sweep(results_dir, [{"label": r.label, "seed": r.seed, "path": str(r.path), "job_id": j.job_id}
+                                   for r, j in zip(todo, jobs_)], req.command, launcher)
+        if launcher == "local" or wait:
+            failed = 0
+            for r, j in zip(todo, jobs_):
+                try:
+                    j.result()
+                    console.print(f"[green]done[/green] {escape(r.label)} -> {r.path}")
+                except Exception as e:
+                    failed += 1
+                    console.print(f"[red]failed[/red] {escape(r.label)}: {escape(str(e).strip().splitlines()[-1])}")
+            if failed:
+                raise MtbenchError(f"{failed} of {len(todo)} jobs failed; `mtbench status --results-dir "
+                                   f"{results_dir}` lists them")
         return
-    with console.status("preparing data"):
-        datasets = build_datasets(req, task_specs, recipe)
-    console.print(f"dataset [bold]{dataset}[/bold] ({len(datasets[0])}/{len(datasets[1])}/{len(datasets[2])} "
-                  f"train/val/test), tasks {', '.join(t.name for t in task_specs)}, device {dev}, "
-                  f"preset {req.preset}, {recipe.epochs} epochs x batch {recipe.batch_size}")
-    with _RichProgress() as progress:
-        for r in todo:
-            result = run_one(req, task_specs, r, recipe, datasets, dev, progress)
-            dm = result.delta_m.value
-            progress.progress.console.print(
-                f"[green]done[/green] {r.method.label}: " + ", ".join(f"{t} {v:.2f}" for t, v in result.primary.items())
-                + (f", Δm {dm:+.2f}%" if dm is not None else "") + f", #TP {result.params['trainable']:,} -> {r.path}")
+    if not no_record and distributed.env_world_size() <= 1 and todo:
+        record_sweep(results_dir, [{"label": r.label, "seed": r.seed, "path": str(r.path), "job_id": None}
+                                   for r in todo], req.command, f"jobs={jobs}" if jobs > 1 else "process")
+    if jobs > 1 and len(todo) > 1:
+        for r in runs:
+            if r not in todo:
+                console.print(f"[yellow]skip[/yellow] {escape(r.label)}: result exists at {r.path}")
+        failed = run_jobs(req, todo, jobs, log=console.print)
+        if failed:
+            raise MtbenchError(f"{failed} of {len(todo)} runs failed; their logs are beside their result paths")
+        return
+    main = distributed.env_world_size() <= 1 or int(__import__("os").environ.get("RANK", "0")) == 0
+    log = console.print if main else (lambda *a, **k: None)
+    if main and console.is_terminal:
+        with _RichProgress() as progress:
+            execute(req, log=progress.progress.console.print, progress=progress)
+    else:
+        execute(req, log=log)
+    distributed.shutdown()
+
+
+@app.command("eval")
+def eval_cmd(
+    result: str = typer.Option(..., "--result", help="result file written by `mtbench run`"),
+    split: str = typer.Option("test", help="test | val"),
+    data_root: Optional[str] = typer.Option(None, help="dataset root (PASCAL_MT/ or NYUD_MT/ directory)"),
+    state: Optional[str] = typer.Option(None, help="trained state (.safetensors) to evaluate instead of the one "
+                                        "beside the result, e.g. a model trained elsewhere"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    batch_size: int = typer.Option(32, help="evaluation batch size"),
+) -> None:
+    """Rebuild a result's method from its recorded config, load the saved state and recompute the metrics."""
+    from mtbench.evaluation import evaluate_result
+
+    if split not in ("test", "val"):
+        raise MtbenchError(f"unknown --split {split!r}; valid: test, val")
+    report = evaluate_result(result, split=split, data_root=data_root, state=state, device=device,
+                             batch_size=batch_size)
+    t = Table(title=f"{report.label}, {split} split ({report.n_images} images)", title_justify="left")
+    for c in ("task", "metric", "recomputed", "stored", "difference"):
+        t.add_column(c, justify="left" if c in ("task", "metric") else "right")
+    for row in report.rows:
+        t.add_row(row["task"], row["metric"], f"{row['recomputed']:.4f}",
+                  "—" if row["stored"] is None else f"{row['stored']:.4f}",
+                  "—" if row["diff"] is None else f"{row['diff']:+.4f}")
+    console.print(t)
+    console.print(report.summary)
+    from mtbench.evaluation import TOLERANCE
+
+    if report.max_abs_diff > TOLERANCE:
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(
+    results_dir: str = typer.Option("results", help="where result files are"),
+    sweep: Optional[str] = typer.Option(None, help="sweep file (default: the newest under RESULTS_DIR/sweeps)"),
+) -> None:
+    """List what is done, running, interrupted, failed or missing in a sweep (one `mtbench run`)."""
+    from collections import Counter
+
+    from mtbench.launch import sweep_status
+
+    path, rows = sweep_status(results_dir, sweep)
+    t = Table(title=f"sweep {path}", title_justify="left")
+    for c in ("run", "seed", "state", "job", "detail"):
+        t.add_column(c)
+    colour = {"done": "green", "running": "cyan", "interrupted": "yellow", "failed": "red", "missing": "magenta"}
+    for r in rows:
+        t.add_row(escape(r["label"]), str(r["seed"]), f"[{colour[r['state']]}]{r['state']}[/]",
+                  str(r.get("job_id") or "-"), escape(r["detail"]))
+    console.print(t)
+    counts = Counter(r["state"] for r in rows)
+    console.print(", ".join(f"{n} {s}" for s, n in counts.items()))
 
 
 @app.command()
@@ -152,6 +255,8 @@ def table(
     console.print(t)
     console.print(f"Δm references: {ref_source}" if ref_source else
                   "Δm: no single-task references yet (mtbench run --methods single_task; mtbench references)")
+    for w in tab.attrs.get("warnings", []):
+        console.print(f"[yellow]warning[/yellow] {escape(w)}")
     for p in write_table(tab, out_dir, dataset, ref_source):
         console.print(f"wrote {p}")
 
@@ -299,7 +404,10 @@ def data_check(
 
 
 def main() -> None:
-    """Console entry point: run the Typer app, turning :class:`MtbenchError` into one line and exit code 2."""
+    """Console entry point: run the Typer app, turning :class:`MtbenchError` into one line and exit code 2, and an
+    interrupted run (Ctrl-C, checkpoint written) into one line and exit code 130."""
+    from mtbench.checkpoint import Interrupted
+
     try:
         rc = app(standalone_mode=False)  # a typer.Exit(code) inside a command comes back as its code here
         if isinstance(rc, int) and rc:
@@ -307,10 +415,16 @@ def main() -> None:
     except MtbenchError as e:
         print(f"error: {e}", file=sys.stderr)  # plain print: one line, never wrapped
         sys.exit(2)
+    except Interrupted as e:
+        print(f"interrupted: {e}; run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:
         print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as e:  # click usage errors and the like
         import click

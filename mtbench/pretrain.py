@@ -12,7 +12,6 @@ Rerun with ``mtbench pretrain`` (about 7 minutes on 2 CPU cores).
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtbench.swin import EMBEDDED_SWIN_ARGS, EMBEDDED_WEIGHTS, create_backbone
+from mtbench.train import build_scheduler, schedule_step
 
 UPSTREAM_SIZE = 4000
 
@@ -68,6 +68,7 @@ def pretrain_embedded(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     total = epochs * len(loader)
     warm = len(loader)
+    scheduler = build_scheduler(opt, 0.0, warm, total)  # 1 warm-up epoch, cosine to 0
     step = 0
     t0 = time.perf_counter()
     last = ""
@@ -75,10 +76,7 @@ def pretrain_embedded(
         backbone.train()
         run_loss, hits, count = 0.0, 0.0, 0
         for batch in loader:
-            lr_now = lr * (step + 1) / warm if step < warm else 0.5 * lr * (1 + math.cos(math.pi * (step - warm) /
-                                                                                           max(1, total - warm)))
-            for g in opt.param_groups:
-                g["lr"] = lr_now
+            schedule_step(scheduler, step)
             images = batch["image"].to(device)
             sem = batch["semseg"].to(device)
             feats = backbone(images)

@@ -24,8 +24,10 @@ def write_references(results_dir: str | Path, dataset: str, out: Path = REFERENC
     Raises:
         MtbenchError: no ``single_task`` result for the dataset.
     """
+    from mtbench.identity import identity_of
+
     runs = [(p, r) for p, r in load_results(results_dir, dataset)
-            if r.run.method == "single_task" and r.run.variant == "default"]
+            if r.run.method == "single_task" and identity_of(r).path_key() == "default"]
     if not runs:
         raise MtbenchError(f"no single_task results for dataset {dataset!r} under {str(results_dir)!r}; run "
                            f"`mtbench run --methods single_task --dataset {dataset}` first")
@@ -41,6 +43,7 @@ def write_references(results_dir: str | Path, dataset: str, out: Path = REFERENC
         "result_files": [str(p) for p, _ in runs],
         "recipe": first.train.recipe,
         "init": first.run.init,
+        "identity": identity_of(first).model_dump(mode="json"),
         "git_commit": first.run.git_commit,
         "metrics": {t: first.metrics[t] for t in tasks} if len(runs) == 1 else None,
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -1,18 +1,22 @@
 """Paper-style tables regenerated from result files only.
 
 ``table`` builds the papers' Table 1 layout — Method | one column per task's primary metric with its arrow | Δm (%)
-| #TP (M) — from the result files of one dataset, averaging seeds (mean, with the seed count), and writes it as
-Markdown and LaTeX. Δm is recomputed from each result's test metrics against the dataset's current single-task
+| #TP (M) — from the result files of one dataset, one row per run identity (:mod:`mtbench.identity`: runs that
+differ only in the seed), averaging its seeds (mean, with the seed count), and writes it as Markdown and LaTeX.
+Warnings about a row (runs from different commits or a dirty tree, a setting other than the Δm references') are in
+``table.attrs["warnings"]``, one line per row. Δm is recomputed from each result's test metrics against the dataset's current single-task
 references (:func:`mtbench.results.load_references`), so tables stay right after references are (re)measured.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
 
 from mtbench.errors import MtbenchError
+from mtbench.identity import identity_of
 from mtbench.metrics import delta_m, primary_higher_is_better
 from mtbench.results import load_references, load_results
 from mtbench.tasks import PRIMARY_METRIC
@@ -34,8 +38,11 @@ def results_frame(results_dir: str | Path, dataset: str) -> pd.DataFrame:
     """
     rows = []
     for path, r in load_results(results_dir, dataset):
-        row = {"label": r.run.label, "method": r.run.method, "variant": r.run.variant, "seed": r.run.seed,
-               "tasks": tuple(r.run.tasks), "tp": r.params["trainable"], "path": str(path)}
+        ident = identity_of(r)
+        row = {"label": ident.label(), "method": r.run.method, "variant": ident.path_key(), "seed": r.run.seed,
+               "tasks": tuple(r.run.tasks), "tp": r.params["trainable"], "path": str(path), "identity": ident.key(),
+               "setting": json.dumps(ident.setting(), sort_keys=True, default=str), "commit": r.run.git_commit,
+               "dirty": bool(r.run.git_dirty)}
         row.update({f"m:{t}": v for t, v in r.primary.items()})
         rows.append(row)
     if not rows:
@@ -51,10 +58,13 @@ def build_table(results_dir: str | Path, dataset: str) -> tuple[pd.DataFrame, st
     df = results_frame(results_dir, dataset)
     task_order = [t for t in PRIMARY_METRIC if f"m:{t}" in df.columns]
     refs, ref_source = load_references(dataset)
+    ref_setting = references_setting(dataset)
     order = {m.name: i for i, m in enumerate(list_methods())}
-    out_rows = []
-    for (label, variant, tasks), g in df.groupby(["label", "variant", "tasks"], sort=False):
+    out_rows, warnings = [], []
+    for _, g in df.groupby("identity", sort=False):
+        label, variant, tasks = g["label"].iloc[0], g["variant"].iloc[0], g["tasks"].iloc[0]
         row = {"Method": label, "_order": (order.get(g["method"].iloc[0], 99), variant)}
+        warnings += [(row["_order"], w) for w in row_warnings(label, g, ref_setting)]
         prim = {}
         for t in tasks:
             prim[t] = float(g[f"m:{t}"].mean())
@@ -69,7 +79,46 @@ def build_table(results_dir: str | Path, dataset: str) -> tuple[pd.DataFrame, st
     table = pd.DataFrame(out_rows).sort_values("_order").drop(columns="_order").set_index("Method")
     cols = [column_title(t) for t in task_order if column_title(t) in table.columns]
     table = table[cols + ["Δm (%)", "#TP (M)", "seeds"]]
+    table.attrs["warnings"] = [w for _, w in sorted(warnings, key=lambda x: x[0])]
     return table, ref_source
+
+
+def references_setting(dataset: str) -> dict | None:
+    """The setting (identity without the method) of the single-task runs behind the dataset's Δm references, or
+    None when the references are not mtbench runs (the papers' numbers) or do not exist."""
+    from mtbench.identity import reference_identity
+    from mtbench.results import REFERENCE_FILE
+
+    if not REFERENCE_FILE.is_file():
+        return None
+    entry = json.loads(REFERENCE_FILE.read_text()).get(dataset)
+    return reference_identity(entry, dataset).setting() if entry else None
+
+
+def row_warnings(label: str, g: pd.DataFrame, ref_setting: dict | None) -> list[str]:
+    """At most one line for a row's runs: different mtbench commits, a dirty tree, a setting other than the Δm
+    references'."""
+    problems = []
+    commits = sorted({c[:8] for c in g["commit"] if c})
+    if len(commits) > 1:
+        problems.append(f"runs from {len(commits)} mtbench commits ({', '.join(commits)})")
+    if g["dirty"].any():
+        problems.append(f"{int(g['dirty'].sum())} of {len(g)} runs from a dirty tree")
+    if ref_setting is not None:
+        setting = json.loads(g["setting"].iloc[0])
+        diff = [f"{k} {_short(setting[k])} vs {_short(ref_setting.get(k))}" for k in setting
+                if setting[k] != ref_setting.get(k)]
+        if diff:
+            problems.append("setting differs from the Δm references' (" + "; ".join(diff) + ")")
+    return [f"{label}: " + "; ".join(problems)] if problems else []
+
+
+def _short(v) -> str:
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}={x}" for k, x in v.items()) + "}"
+    if isinstance(v, list):
+        return "+".join(map(str, v))
+    return str(v)
 
 
 def format_table(table: pd.DataFrame) -> pd.DataFrame:

@@ -1,7 +1,8 @@
 """Result files: one immutable JSON per (dataset, method, variant, seed), with a typed schema.
 
-Layout: ``results/{dataset}/{method}/{variant}/seed{S}.json`` where ``variant`` is ``default`` or the variant name
-and non-default options (e.g. ``r=32``, ``mtlora_plus``). Files are written atomically (temporary file in the same
+Layout: ``results/{dataset}/{method}/{key}/seed{S}.json`` where ``key`` names the run's identity: ``default`` for
+the default everything, otherwise the variant, its non-default options and every other departure from the defaults
+(``r=32``, ``default_epochs=1_train-size=256``; :mod:`mtbench.identity`). Files are written atomically (temporary file in the same
 directory, then ``os.replace``), so an interrupted run never leaves a partial result. What happens to an existing
 file is an explicit choice (:data:`EXISTING_POLICIES`).
 
@@ -21,8 +22,9 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from mtbench.errors import MtbenchError
+from mtbench.identity import RunIdentity
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 REFERENCE_FILE = Path(__file__).parent / "assets" / "single_task_references.json"
 #: What ``run`` does when the result file exists: ``error`` (stop before training), ``skip`` (say so, keep the
 #: file), ``overwrite`` (replace it once the new run has finished).
@@ -31,7 +33,7 @@ EXISTING_POLICIES = ("skip", "error", "overwrite")
 
 class RunInfo(BaseModel):
     method: str
-    variant: str
+    variant: str = Field(description="the identity's path key (directory name)")
     label: str
     options: dict[str, Any]
     dataset: str
@@ -54,6 +56,8 @@ class TrainInfo(BaseModel):
     train_time_s: float
     images_per_s: float
     device: str
+    resumes: list[dict[str, Any]] = Field(default_factory=list, description="one entry per resume from a checkpoint")
+    processes: int = Field(1, description="data-parallel processes (torchrun)")
 
 
 class DeltaM(BaseModel):
@@ -63,10 +67,12 @@ class DeltaM(BaseModel):
 
 
 class RunResult(BaseModel):
-    """The schema of a result file (``schema_version`` 1)."""
+    """The schema of a result file (``schema_version`` 2; version 1 files have no ``identity``, which
+    :func:`mtbench.identity.identity_of` reconstructs)."""
 
     schema_version: int = SCHEMA_VERSION
     run: RunInfo
+    identity: RunIdentity | None = None
     train: TrainInfo
     split: str = "test"
     metrics: dict[str, dict[str, float]]

@@ -19,16 +19,17 @@ import torch
 
 from mtbench.config import parse_method_specs
 from mtbench.errors import MtbenchError
+from mtbench.identity import RunIdentity, make_identity
 from mtbench.measure import count_params
 from mtbench.metrics import delta_m, primary_higher_is_better, primary_metrics
 from mtbench.registry import ResolvedMethod, build_model, resolve_spec
 from mtbench.results import (
-    EXISTING_POLICIES, DeltaM, RunInfo, RunResult, TrainInfo, default_mode, load_references, result_path, save_result,
+    EXISTING_POLICIES, DeltaM, RunInfo, RunResult, TrainInfo, default_mode, load_references, save_result,
 )
 from mtbench.datasets import get_dataset, resolve_recipe
 from mtbench.swin import create_backbone
 from mtbench.tasks import TaskSpec, resolve_tasks
-from mtbench.train import TrainConfig, evaluate, fit, make_loader, recipe_dict, resolve_device
+from mtbench.train import TrainConfig, eval_loader, evaluate, fit, recipe_dict, resolve_device
 
 #: ``--eval-resolution`` values: ``resized`` evaluates on the labels resized to the input size (MTLoRA's online
 #: evaluation); ``original`` on the labels at their stored resolution, predictions upsampled to it (ASTMT /
@@ -69,14 +70,30 @@ class RunRequest:
     existing: str = "skip"
     train_size: int | None = None
     command: str | None = None
+    #: recipe preset of the dataset spec (None: the dataset's default, ``embedded`` or ``paper``)
     preset: str | None = None
+    #: ``--eval-resolution`` (:data:`EVAL_RESOLUTIONS`); the identity's evaluation protocol
     eval_resolution: str = "resized"
+    #: decoder name (None = the dataset's default, :func:`mtbench.identity.setting_defaults`)
+    decoder: str | None = None
+    #: run every method once per seed (overrides ``seed``)
+    seeds: list[int] | None = None
+    #: discard an existing checkpoint instead of resuming from it (resuming is the default)
+    restart: bool = False
+    #: also checkpoint every this many minutes of training (0: only after evaluations and on stop)
+    checkpoint_minutes: float = 10.0
 
 
 @dataclass
 class PlannedRun:
     method: ResolvedMethod
     path: Path
+    identity: RunIdentity | None = None
+    seed: int = 0
+
+    @property
+    def label(self) -> str:
+        return (self.identity.label() if self.identity else self.method.label) + f" seed {self.seed}"
 
 
 def git_info() -> tuple[str | None, bool | None]:
@@ -130,24 +147,39 @@ def plan(req: RunRequest) -> tuple[list[TaskSpec], list[PlannedRun], TrainConfig
     tasks = resolve_tasks(req.dataset, req.tasks)
     req.preset, recipe = resolve_recipe(req.dataset, req.preset, epochs=req.epochs, batch_size=req.batch_size,
                                         lr=req.lr, max_train_batches=req.max_train_batches)
+    if req.train_size is not None and req.train_size < 1:
+        raise MtbenchError(f"--train-size must be >= 1, got {req.train_size}")
+    seeds = list(req.seeds) if req.seeds else [req.seed]
+    if len(set(seeds)) != len(seeds):
+        raise MtbenchError(f"--seeds lists a seed twice: {','.join(map(str, seeds))}")
+    if req.checkpoint_minutes < 0:
+        raise MtbenchError(f"--checkpoint-minutes must be >= 0, got {req.checkpoint_minutes}")
     runs = []
     for spec in parse_method_specs(req.methods):
         rm = resolve_spec(spec)
-        variant = rm.variant_key
-        if req.init == "random":
-            variant += "_init=random"
-        if req.tasks:
-            variant += "_tasks=" + "+".join(t.name for t in tasks)
-        path = result_path(req.results_dir, req.dataset, rm.name, variant, req.seed)
-        if path.exists() and req.existing == "error":
-            raise MtbenchError(f"result exists: {path}; pass --existing skip or --existing overwrite")
-        runs.append(PlannedRun(rm, path))
+        ident = run_identity(req, rm, tasks, recipe)
+        for seed in seeds:
+            path = ident.result_path(req.results_dir, seed)
+            if path.exists() and req.existing == "error":
+                raise MtbenchError(f"result exists: {path}; pass --existing skip or --existing overwrite")
+            runs.append(PlannedRun(rm, path, ident, seed))
     seen = set()
     for r in runs:
         if r.path in seen:
             raise MtbenchError(f"method {r.method.spec.label()!r} is listed twice")
         seen.add(r.path)
     return tasks, runs, recipe
+
+
+def run_identity(req: RunRequest, rm: ResolvedMethod, tasks: list[TaskSpec], recipe: TrainConfig) -> RunIdentity:
+    """The identity of one planned run (:mod:`mtbench.identity`): everything that can change its numbers except
+    the seed. New per-run choices enter here."""
+    _, preset_recipe = resolve_recipe(req.dataset, req.preset)
+    return make_identity(method=rm.name, variant=rm.variant, options=rm.config.to_dict(), dataset=req.dataset,
+                         tasks=[t.name for t in tasks], init=req.init, weights=req.weights,
+                         backbone=get_dataset(req.dataset).backbone, decoder=req.decoder, preset=req.preset,
+                         eval_protocol=req.eval_resolution, recipe=recipe_dict(recipe),
+                         preset_recipe=recipe_dict(preset_recipe), train_size=req.train_size)
 
 
 def build_datasets(req: RunRequest, tasks: list[TaskSpec], recipe: TrainConfig | None = None):
@@ -184,24 +216,56 @@ def evaluation_protocol(req: RunRequest, tasks: list[TaskSpec]) -> dict:
 
 
 def run_one(req: RunRequest, tasks: list[TaskSpec], planned: PlannedRun, recipe: TrainConfig, datasets,
-            device: torch.device, progress=None) -> RunResult:
-    """Train and evaluate one method; write its result file atomically and return it."""
-    torch.manual_seed(req.seed)
-    backbone_name = get_dataset(req.dataset).backbone
-    init = req.weights or req.init
-    backbone = create_backbone(backbone_name, pretrained=(req.init == "pretrained"), weights=req.weights)
-    model = build_model(planned.method, backbone, tasks)
-    params = count_params(model)
-    references, ref_source = load_references(req.dataset)
-    train_set, val_set, test_set = datasets
-    on_step = on_epoch = None
-    if progress is not None:
-        on_step, on_epoch = progress.callbacks(planned.method.label, recipe)
-    fitted = fit(model, train_set, val_set, tasks, recipe, device, seed=req.seed, references=references,
-                 on_step=on_step, on_epoch=on_epoch)
-    original = req.eval_resolution == "original"  # labels of different sizes: one image per batch
-    test_loader = make_loader(test_set, 1 if original else recipe.batch_size, False, recipe.num_workers, 0, recipe)
-    test_metrics, _ = evaluate(model, test_loader, tasks, device, recipe.amp, match_target_size=original)
+            device: torch.device, progress=None, stop=None, log=None) -> RunResult:
+    """Train and evaluate one (method, seed); write its result file atomically and return it.
+
+    Training resumes from the run's checkpoint when there is one (unless ``req.restart``), checkpoints as
+    :func:`mtbench.train.fit` describes, and deletes the checkpoint once the result is written. A status file beside
+    the result (``seedS.status.json``) says that the run is running, failed or was interrupted, for
+    ``mtbench status``; it is removed with success. Under ``torchrun`` only rank 0 writes files.
+
+    Raises:
+        mtbench.checkpoint.Interrupted: ``stop`` was requested; the checkpoint has been written.
+    """
+    from mtbench import distributed
+    from mtbench.checkpoint import Interrupted, RunCheckpoint
+    from mtbench.launch import write_status
+
+    seed = planned.seed
+    main = distributed.is_main()
+    ckpt = RunCheckpoint(planned.path, req.checkpoint_minutes)
+    if req.restart and main:
+        ckpt.remove()
+    distributed.barrier()
+    if ckpt.exists() and log is not None:
+        log(f"resuming {planned.label} from its checkpoint in {ckpt.dir}")
+    if main:
+        write_status(planned.path, "running")
+    try:
+        torch.manual_seed(seed)
+        backbone_name = get_dataset(req.dataset).backbone
+        init = req.weights or req.init
+        backbone = create_backbone(backbone_name, pretrained=(req.init == "pretrained"), weights=req.weights)
+        model = build_model(planned.method, backbone, tasks)
+        params = count_params(model)
+        references, ref_source = load_references(req.dataset)
+        train_set, val_set, test_set = datasets
+        on_step = on_epoch = None
+        if progress is not None:
+            on_step, on_epoch = progress.callbacks(planned.label, recipe)
+        fitted = fit(model, train_set, val_set, tasks, recipe, device, seed=seed, references=references,
+                     on_step=on_step, on_epoch=on_epoch, checkpoint=ckpt, stop=stop)
+        original = req.eval_resolution == "original"  # labels of different sizes: one image per batch
+        test_metrics, _ = evaluate(model, eval_loader(test_set, recipe, 1 if original else None), tasks, device,
+                                   recipe.amp, match_target_size=original)
+    except Interrupted:
+        if main:
+            write_status(planned.path, "interrupted")
+        raise
+    except BaseException as e:
+        if main:
+            write_status(planned.path, "failed", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        raise
     prim = primary_metrics(test_metrics, tasks)
     dm = None
     if references and all(t.name in references for t in tasks):
@@ -210,20 +274,69 @@ def run_one(req: RunRequest, tasks: list[TaskSpec], planned: PlannedRun, recipe:
     rm = planned.method
     result = RunResult(
         run=RunInfo(method=rm.name, variant=planned.path.parent.name,
-                    label=rm.label + (" [random init]" if req.init == "random" else ""), options=rm.config.to_dict(),
-                    dataset=req.dataset, tasks=[t.name for t in tasks], seed=req.seed, backbone=backbone_name,
+                    label=planned.identity.label() if planned.identity else rm.label, options=rm.config.to_dict(),
+                    dataset=req.dataset, tasks=[t.name for t in tasks], seed=seed, backbone=backbone_name,
                     init=str(init), preset=req.preset, created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     git_commit=commit, git_dirty=dirty, command=req.command),
         train=TrainInfo(recipe=recipe_dict(recipe), best_epoch=fitted.best_epoch, selection=fitted.selection,
                         history=fitted.history, train_time_s=round(fitted.train_time_s, 2),
-                        images_per_s=round(fitted.images_per_s, 2), device=str(device)),
-        metrics=test_metrics, primary=prim, protocol=evaluation_protocol(req, tasks),
-        delta_m=DeltaM(value=dm, references=references, reference_source=ref_source),
+                        images_per_s=round(fitted.images_per_s, 2), device=str(device), resumes=fitted.resumes,
+                        processes=distributed.world_size()),
+        identity=planned.identity, metrics=test_metrics, primary=prim, protocol=evaluation_protocol(req, tasks),
+        delta_m=DeltaM(value=dm, references=references if dm is not None else None,
+                       reference_source=ref_source if dm is not None else None),
         params=params.to_dict(), env=environment(device),
     )
-    save_checkpoint(model, checkpoint_path(planned.path))
-    save_result(result, planned.path)
+    if main:
+        save_checkpoint(model, checkpoint_path(planned.path))
+        save_result(result, planned.path)
+        ckpt.remove()
+        write_status(planned.path, None)
+    distributed.barrier()
     return result
+
+
+def execute(req: RunRequest, log=print, progress=None) -> list[tuple[PlannedRun, RunResult | None]]:
+    """``mtbench run`` in this process: plan, skip what exists (``--existing skip``), train the rest one after the
+    other. Under ``torchrun`` every process calls this; they train each run together.
+
+    Returns:
+        ``[(planned run, result or None when skipped)]``.
+
+    Raises:
+        MtbenchError: bad input (before anything is trained or written).
+        mtbench.checkpoint.Interrupted: Ctrl-C / SIGTERM; the current run's checkpoint has been written.
+    """
+    from mtbench import distributed
+    from mtbench.checkpoint import StopRequest
+
+    task_specs, runs, recipe = plan(req)
+    dev = distributed.init_from_env(resolve_device(req.device))
+    set_threads()
+    out: list[tuple[PlannedRun, RunResult | None]] = []
+    todo = []
+    for r in runs:
+        if r.path.exists() and req.existing == "skip":
+            log(f"skip {r.label}: result exists at {r.path} (use --existing overwrite to replace it)")
+            out.append((r, None))
+        else:
+            todo.append(r)
+    if not todo:
+        return out
+    datasets = build_datasets(req, task_specs, recipe)
+    log(f"dataset {req.dataset} ({len(datasets[0])}/{len(datasets[1])}/{len(datasets[2])} train/val/test), tasks "
+        f"{', '.join(t.name for t in task_specs)}, device {dev}"
+        + (f" x {distributed.world_size()} processes" if distributed.world_size() > 1 else "")
+        + f", preset {req.preset}, {recipe.epochs} epochs x batch {recipe.batch_size}")
+    with StopRequest() as stop:
+        for r in todo:
+            result = run_one(req, task_specs, r, recipe, datasets, dev, progress, stop=stop, log=log)
+            dm = result.delta_m.value
+            log(f"done {r.label}: " + ", ".join(f"{t} {v:.2f}" for t, v in result.primary.items())
+                + (f", Δm {dm:+.2f}%" if dm is not None else "") + f", #TP {result.params['trainable']:,} -> "
+                f"{r.path}")
+            out.append((r, result))
+    return out
 
 
 def checkpoint_path(result_path: Path) -> Path:
@@ -241,14 +354,18 @@ def save_checkpoint(model, path: Path) -> None:
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()
              if k in trainable or k in buffers}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp))
-    os.chmod(tmp, default_mode())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{id(state)}.tmp")  # unique: concurrent writers never collide
+    try:
+        save_file(state, str(tmp))
+        os.chmod(tmp, default_mode())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def load_trained(result_file: str | Path):
-    """Rebuild the model of a result file and load its trained state.
+def load_trained(result_file: str | Path, state_file: str | Path | None = None):
+    """Rebuild the model of a result file and load its trained state (``state_file``, default the
+    ``.safetensors`` beside the result; a state trained elsewhere must hold the same tensor names).
 
     Returns:
         ``(model in eval mode, RunResult)``.
@@ -264,18 +381,24 @@ def load_trained(result_file: str | Path):
     if not path.is_file():
         raise MtbenchError(f"result file not found: {str(path)!r}")
     result = RunResult.model_validate_json(path.read_text())
-    ckpt = checkpoint_path(path)
+    ckpt = Path(state_file) if state_file is not None else checkpoint_path(path)
+    if state_file is not None and not ckpt.is_file():
+        raise MtbenchError(f"state file not found: {str(ckpt)!r}")
     if not ckpt.is_file():
         raise MtbenchError(f"no trained state beside {str(path)!r} (expected {ckpt.name}); rerun with --existing "
-                           "overwrite")
+                           "overwrite, or pass --state PATH")
     opts = {k: ("+".join(v) if isinstance(v, list) else str(v).lower() if isinstance(v, bool) else str(v))
             for k, v in result.run.options.items()}
     rm = resolve_spec(MethodSpec(result.run.method, opts))
     init = result.run.init
+    torch.manual_seed(result.run.seed)  # a random-init backbone is rebuilt exactly as run_one built it
     backbone = create_backbone(result.run.backbone, pretrained=(init == "pretrained"),
                                weights=None if init in ("pretrained", "random") else init)
     model = build_model(rm, backbone, resolve_tasks(result.run.dataset, result.run.tasks))
-    state = load_file(str(ckpt))
+    try:
+        state = load_file(str(ckpt))
+    except Exception as e:
+        raise MtbenchError(f"unreadable state file {str(ckpt)!r}: {str(e).splitlines()[0]}") from None
     missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in state]
     if missing:
         raise MtbenchError(f"checkpoint {str(ckpt)!r} lacks {len(missing)} trained tensors, e.g. {missing[0]!r}")
@@ -294,6 +417,6 @@ def set_threads() -> None:
     torch.set_num_threads(max(1, n))
 
 
-__all__ = ["RunRequest", "plan", "run_one", "build_datasets", "evaluation_protocol", "EVAL_RESOLUTIONS",
-           "resolve_device", "default_command",
+__all__ = ["RunRequest", "plan", "run_one", "execute", "build_datasets", "evaluation_protocol", "EVAL_RESOLUTIONS",
+           "DATASET_BACKBONE", "resolve_device", "default_command",
            "set_threads", "load_trained", "save_checkpoint"]

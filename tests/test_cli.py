@@ -44,9 +44,11 @@ def test_end_to_end_tiny_run_then_table(tmp_path):
     res = mtbench("run", "--methods", "lora:r=2,mtlora,tadformer", *common)
     assert res.returncode == 0, res.stderr + res.stdout
     files = sorted(p.relative_to(results).as_posix() for p in files_under(results))
-    assert files == [f"synthetic/{m}/seed0.{ext}" for m in ("lora/r=2", "mtlora/default", "tadformer/default")
+    smoke = "epochs=1_batch-size=8_train-size=16_max-train-batches=2"  # every departure names the path
+    assert files == [f"synthetic/{m}_{smoke}/seed0.{ext}" for m in ("lora/r=2", "mtlora/default", "tadformer/default")
                      for ext in ("json", "safetensors")]
-    data = json.loads((results / "synthetic/mtlora/default/seed0.json").read_text())
+    results_of = {m: results / f"synthetic/{m}/default_{smoke}/seed0.json" for m in ("mtlora", "tadformer")}
+    data = json.loads(results_of["mtlora"].read_text())
     assert set(data["metrics"]) == {"semseg", "human_parts", "sal", "normals"}
     assert data["params"]["trainable"] == sum(data["params"]["backbone_unfrozen"].values()) + \
         data["params"]["method"] + data["params"]["decoders"]
@@ -60,7 +62,7 @@ def test_end_to_end_tiny_run_then_table(tmp_path):
     assert err.returncode == 2 and "result exists" in err.stderr
     table = mtbench("table", "--results-dir", str(results), "--out-dir", str(tmp_path / "reports"))
     assert table.returncode == 0, table.stderr
-    for needle in ["lora (r=2)", "mtlora", "SemSeg (mIoU ↑)", "Normals (mErr ↓)", "Δm (%)", "#TP (M)"]:
+    for needle in [f"lora (r=2) [smoke: {smoke.replace('_', ', ')}]", "mtlora [smoke", "SemSeg (mIoU ↑)", "Normals (mErr ↓)", "Δm (%)", "#TP (M)"]:
         assert needle in table.stdout
     md = (tmp_path / "reports" / "table_synthetic.md").read_text()
     assert "mtlora" in md and (tmp_path / "reports" / "table_synthetic.tex").is_file()
@@ -69,18 +71,18 @@ def test_end_to_end_tiny_run_then_table(tmp_path):
     from mtbench.runner import load_trained
     from mtbench.train import evaluate, make_loader
 
-    model, result = load_trained(results / "synthetic/tadformer/default/seed0.json")
+    model, result = load_trained(results_of["tadformer"])
     test = build_dataset("synthetic", "test", tasks=result.run.tasks)
     from mtbench.tasks import resolve_tasks
 
     metrics, _ = evaluate(model, make_loader(test, 32, False, 0, 0), resolve_tasks("synthetic"), torch.device("cpu"))
     for task, value in result.primary.items():
         assert metrics[task][{"normals": "mErr"}.get(task, "mIoU")] == pytest.approx(value, abs=1e-4)
-    fig = mtbench("attention", "--result", str(results / "synthetic/tadformer/default/seed0.json"), "--n", "2",
+    fig = mtbench("attention", "--result", str(results_of["tadformer"]), "--n", "2",
                   "--out", str(tmp_path / "att.png"))
     assert fig.returncode == 0, fig.stderr
     assert (tmp_path / "att.png").stat().st_size > 10_000
-    no_maps = mtbench("attention", "--result", str(results / "synthetic/mtlora/default/seed0.json"))
+    no_maps = mtbench("attention", "--result", str(results_of["mtlora"]))
     assert no_maps.returncode == 2 and "no task attention maps" in no_maps.stderr
 
 

@@ -1,0 +1,140 @@
+"""A run's identity: every field changes the result path, the seed does not; the table has one row per identity."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mtbench.identity import identity_of, make_identity
+from mtbench.results import RunResult, load_results
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def base(**kw):
+    args = dict(method="mtlora", variant="default", options={"r": 16}, dataset="synthetic",
+                tasks=["semseg", "human_parts", "sal", "normals"], recipe={"epochs": 6, "batch_size": 32, "lr": 1e-3,
+                                                                           "max_train_batches": 0},
+                preset_recipe={"epochs": 6, "batch_size": 32, "lr": 1e-3, "max_train_batches": 0})
+    for k, v in kw.items():
+        if k in ("epochs", "batch_size", "lr", "max_train_batches"):
+            args["recipe"] = {**args["recipe"], k: v}
+        else:
+            args[k] = v
+    return make_identity(**args)
+
+
+def test_every_identity_field_changes_the_path(tmp_path):
+    w1, w2 = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    w1.write_bytes(b"weights one")
+    w2.write_bytes(b"weights two")
+    ref = base()
+    assert ref.path_key() == "default" and ref.label() == "mtlora"
+    cases = {
+        "method": base(method="lora", options={"r": 4}),
+        "options": base(options={"r": 32}),
+        "variant": base(variant="mtlora_plus", options={"r": 16, "plus": True}),
+        "dataset": base(dataset="pascal_context"),
+        "tasks": base(tasks=["semseg", "normals"]),
+        "backbone": base(backbone="swin_tiny_patch4_window7_224"),
+        "weights random": base(init="random"),
+        "weights file 1": base(weights=str(w1)),
+        "weights file 2": base(weights=str(w2)),
+        "decoder": base(decoder="hrnet"),
+        "preset": base(preset="paper"),
+        "epochs": base(epochs=1),
+        "batch_size": base(batch_size=8),
+        "lr": base(lr=5e-4),
+        "train_size": base(train_size=256),
+        "max_train_batches": base(max_train_batches=2),
+        "eval_protocol": base(eval_protocol="original"),
+    }
+    paths = {name: ident.result_path(tmp_path, 0) for name, ident in cases.items()}
+    assert ref.result_path(tmp_path, 0) not in paths.values()
+    assert len(set(paths.values())) == len(paths), paths  # pairwise distinct
+    assert len({i.key() for i in cases.values()} | {ref.key()}) == len(cases) + 1
+    assert cases["epochs"].path_key() == "default_epochs=1"
+    assert base(epochs=1, train_size=256).path_key() == "default_epochs=1_train-size=256"
+    assert base(epochs=1, train_size=256).label() == "mtlora [smoke: epochs=1, train-size=256]"
+    assert cases["weights random"].path_key() == "default_init=random"
+    assert cases["options"].path_key() == "r=32" and cases["options"].label() == "mtlora (r=32)"
+    assert not cases["epochs"].is_smoke() and cases["max_train_batches"].is_smoke()
+    # an override equal to the preset is no departure; the seed only changes the file name
+    assert base(epochs=6).key() == ref.key()
+    assert ref.result_path(tmp_path, 1).parent == ref.result_path(tmp_path, 0).parent
+    # a very long identity keeps a bounded, still unique key
+    long1 = base(tasks=["semseg"] * 40, epochs=3)
+    long2 = base(tasks=["semseg"] * 40, epochs=4)
+    assert len(long1.path_key()) <= 120 and long1.path_key() != long2.path_key()
+
+
+def test_reference_results_keep_working_with_reconstructed_identity():
+    loaded = load_results(REPO / "results" / "reference", "synthetic")
+    assert loaded
+    for path, result in loaded:
+        assert result.identity is None  # written before identities existed
+        ident = identity_of(result)
+        assert ident.reconstructed and ident.path_key() == path.parent.name, path
+    random = [identity_of(r) for p, r in loaded if p.parent.name == "default_init=random"]
+    assert random and random[0].label() == "decoder_only [random init]" and random[0].weights == "random"
+
+
+def test_reconstruction_reads_train_size_from_the_recorded_command():
+    path = REPO / "results/reference/synthetic/lora/default/seed0.json"
+    data = json.loads(path.read_text())
+    data["run"]["command"] = "mtbench run --methods lora --epochs 1 --train-size 256"
+    data["train"]["recipe"]["epochs"] = 1
+    ident = identity_of(RunResult.model_validate(data))
+    assert ident.overrides == {"epochs": 1, "train_size": 256}
+    assert ident.path_key() == "default_epochs=1_train-size=256"
+
+
+def test_full_and_smoke_runs_of_one_method_get_two_rows(tmp_path):
+    """Issue 13's sequence on tiny settings: two seeds of a longer recipe, two seeds of a 1-epoch, smaller-data
+    run of the same method; distinct paths, two rows with their own seed counts and labels."""
+    import torch
+
+    from mtbench.runner import RunRequest, build_datasets, plan, run_one
+
+    results = tmp_path / "results"
+    common = dict(methods="decoder_only", batch_size=8, max_train_batches=2, results_dir=str(results))
+    written = []
+    for epochs, train_size in ((2, 32), (1, 16)):
+        for seed in (5, 6):
+            req = RunRequest(epochs=epochs, train_size=train_size, seed=seed, **common)
+            tasks, runs, recipe = plan(req)
+            data = build_datasets(req, tasks)
+            run_one(req, tasks, runs[0], recipe, data, torch.device("cpu"))
+            written.append(runs[0].path)
+    assert len(set(written)) == 4
+    keys = sorted({p.parent.name for p in written})
+    assert keys == ["default_epochs=1_batch-size=8_train-size=16_max-train-batches=2",
+                    "default_epochs=2_batch-size=8_train-size=32_max-train-batches=2"]
+    stored = json.loads(written[-1].read_text())
+    assert stored["identity"]["overrides"] == {"epochs": 1, "batch_size": 8, "train_size": 16,
+                                               "max_train_batches": 2}
+    res = subprocess.run([sys.executable, "-m", "mtbench.cli", "table", "--results-dir", str(results), "--out-dir",
+                          str(tmp_path / "reports")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    rows = [ln for ln in res.stdout.splitlines() if "decoder_only" in ln and "│" in ln]
+    assert len(rows) == 2, res.stdout
+    short = "decoder_only [smoke: epochs=1, batch-size=8, train-size=16, max-train-batches=2]"
+    long = "decoder_only [smoke: epochs=2, batch-size=8, train-size=32, max-train-batches=2]"
+    for label in (short, long):
+        row = next(r for r in rows if label in r)
+        assert row.rstrip(" │").split("│")[-1].strip() == "2"  # seeds column: only this identity's runs
+    # a smoke row is compared with references of another recipe: one warning line says so
+    assert any(ln.startswith("warning") and "setting differs from the Δm references'" in ln and short in ln
+               for ln in res.stdout.splitlines())
+
+
+@pytest.mark.parametrize("bad", ["0", "-3"])
+def test_bad_train_size_is_one_line_error(tmp_path, bad):
+    res = subprocess.run([sys.executable, "-m", "mtbench.cli", "run", "--methods", "lora", "--train-size", bad,
+                          "--results-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.startswith("error: --train-size must be >= 1") and \
+        len(res.stderr.strip().splitlines()) == 1

@@ -1,0 +1,229 @@
+"""Checkpoint and resume, the library schedule and parameter groups, metric-state reduction, concurrent writes."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import Subset
+
+from mtbench.checkpoint import Interrupted, RunCheckpoint, capture_rng, restore_rng
+from mtbench.train import TrainConfig, build_optimizer, build_scheduler, fit, schedule_step
+
+
+def handwritten_lr(step, lr, min_lr, warmup, total):
+    """The schedule train.py and pretrain.py had before timm's scheduler replaced it."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+@pytest.mark.parametrize("lr,min_lr,warmup,total", [(1e-3, 1e-5, 50, 300), (5e-4 * 32 / 512, 5e-6 * 32 / 512, 20, 60),
+                                                    (2e-3, 0.0, 63, 63 * 30), (1e-3, 1e-5, 0, 17), (1e-3, 1e-5, 4, 4),
+                                                    (1e-3, 1e-5, 1, 2)])
+def test_timm_schedule_gives_the_same_lr_at_every_step(lr, min_lr, warmup, total):
+    p = torch.nn.Parameter(torch.zeros(2, 2))
+    opt = torch.optim.AdamW([{"params": [p]}, {"params": [torch.nn.Parameter(torch.zeros(2))]}], lr=lr)
+    sched = build_scheduler(opt, min_lr, warmup, total)
+    for step in range(total):
+        schedule_step(sched, step)
+        want = handwritten_lr(step, lr, min_lr, warmup, total)
+        for g in opt.param_groups:
+            assert g["lr"] == pytest.approx(want, rel=1e-12, abs=1e-15), (step, g["lr"], want)
+
+
+def test_param_groups_decay_exactly_the_multi_dimensional_parameters():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(4, 2))
+    model[0].weight.requires_grad_(False)
+    opt = build_optimizer(model, TrainConfig(weight_decay=0.05))
+    by_id = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    expected = {id(p): (0.05 if p.ndim > 1 else 0.0) for p in model.parameters() if p.requires_grad}
+    assert by_id == expected
+
+
+def test_rng_states_round_trip():
+    import random
+
+    import numpy as np
+
+    state = capture_rng()
+    a = (random.random(), np.random.rand(), torch.rand(3))
+    restore_rng(state)
+    b = (random.random(), np.random.rand(), torch.rand(3))
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def _tiny_setup():
+    from mtbench.data import build_dataset
+    from mtbench.registry import build_model, resolve
+    from mtbench.config import MethodSpec
+    from mtbench.registry import resolve_spec
+    from mtbench.swin import create_backbone
+    from mtbench.tasks import resolve_tasks
+
+    tasks = resolve_tasks("synthetic")
+    train = build_dataset("synthetic", "train", train_aug=True, tasks=[t.name for t in tasks], n=24)
+    val = Subset(build_dataset("synthetic", "val", tasks=[t.name for t in tasks]), range(16))
+
+    def model():
+        torch.manual_seed(0)
+        resolve("mtlora")
+        return build_model(resolve_spec(MethodSpec("mtlora", {"r": "4"})), create_backbone("swin_embedded"), tasks)
+
+    return tasks, train, val, model
+
+
+class StopAfter:
+    def __init__(self, steps):
+        self.steps, self.seen = steps, 0
+
+    @property
+    def requested(self):
+        return self.seen >= self.steps
+
+
+@pytest.mark.parametrize("stop_step", [3, 4])  # mid-epoch (3 batches/epoch) and at an epoch boundary + evaluation
+def test_interrupt_then_resume_equals_uninterrupted(tmp_path, stop_step):
+    """Stopping (as Ctrl-C does) writes a checkpoint; a new process-like fit from it ends bit-identical to a run
+    that was never interrupted: same history, same selected state."""
+    tasks, train, val, make_model = _tiny_setup()
+    cfg = TrainConfig(epochs=3, batch_size=8, warmup_epochs=1.0, amp=False)
+    dev = torch.device("cpu")
+
+    torch.manual_seed(1)
+    ref_model = make_model()
+    ref = fit(ref_model, train, val, tasks, cfg, dev, seed=1)
+
+    ckpt = RunCheckpoint(tmp_path / "seed1.json", every_minutes=0)
+    stop = StopAfter(stop_step)
+    torch.manual_seed(1)
+    m1 = make_model()
+    with pytest.raises(Interrupted):
+        fit(m1, train, val, tasks, cfg, dev, seed=1, checkpoint=ckpt, stop=stop,
+            on_step=lambda *a: setattr(stop, "seen", stop.seen + 1))
+    assert ckpt.exists()
+    torch.manual_seed(123)  # the resumed process starts from other RNG states: the checkpoint restores them
+    m2 = make_model()
+    resumed = fit(m2, train, val, tasks, cfg, dev, seed=1, checkpoint=ckpt)
+    assert resumed.resumes and resumed.resumes[0]["step"] == stop_step
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    assert [h["session"] for h in resumed.history] == ([0, 1, 1] if stop_step == 4 else [1, 1, 1])
+    for a, b in zip(ref.history, resumed.history):
+        assert a["train_loss"] == b["train_loss"] and a["val"] == b["val"]
+    assert ref.best_epoch == resumed.best_epoch
+    for k, v in ref_model.state_dict().items():
+        assert torch.equal(v, m2.state_dict()[k]), k
+
+
+def test_checkpoint_pointer_names_a_complete_pair(tmp_path):
+    ck = RunCheckpoint(tmp_path / "seed0.json", 0)
+    assert ck.load() is None
+    ck.save({"model.w": torch.ones(2)}, {"step": 1, "epoch": 1, "batch": 1})
+    ck.save({"model.w": torch.full((2,), 2.0)}, {"step": 2, "epoch": 1, "batch": 2})
+    tensors, state = ck.load()
+    assert state["step"] == 2 and torch.equal(tensors["model.w"], torch.full((2,), 2.0))
+    assert sorted(p.suffix for p in ck.dir.iterdir()) == [".json", ".pt", ".safetensors"]  # older pair deleted
+    ck.remove()
+    assert not ck.dir.exists()
+
+
+def test_metric_states_reduce_to_the_whole_split():
+    """Two shards' states summed with one packed reduction give the metrics of one process over everything."""
+    from mtbench.distributed import reduce_metric_states
+    from mtbench.metrics import MultiTaskMetrics
+    from mtbench.tasks import resolve_tasks
+
+    tasks = resolve_tasks("nyud") + [t for t in resolve_tasks("synthetic") if t.name in ("sal", "human_parts")]
+    gen = torch.Generator().manual_seed(0)
+
+    def batch(n):
+        out, preds = {}, {}
+        for t in tasks:
+            c = t.out_channels
+            preds[t.name] = torch.randn(n, c, 8, 8, generator=gen)
+            if t.name in ("semseg", "human_parts"):
+                out[t.name] = torch.randint(0, c, (n, 8, 8), generator=gen)
+            elif t.name in ("sal", "edge"):
+                out[t.name] = (torch.rand(n, 1, 8, 8, generator=gen) > 0.6).float()
+            elif t.name == "normals":
+                out[t.name] = torch.nn.functional.normalize(torch.randn(n, 3, 8, 8, generator=gen), dim=1)
+            else:
+                out[t.name] = torch.rand(n, 1, 8, 8, generator=gen) * 5
+        return preds, out
+
+    batches = [batch(3) for _ in range(4)]
+    whole = MultiTaskMetrics(tasks)
+    shards = [MultiTaskMetrics(tasks), MultiTaskMetrics(tasks)]
+    for i, (p, b) in enumerate(batches):
+        whole.update(p, b)
+        shards[i % 2].update(p, b)
+    packed = []
+    for s in shards:  # capture what each process would contribute
+        reduce_metric_states(s, [1.0], all_reduce=lambda t: packed.append(t.clone()))
+    total = packed[0] + packed[1]
+    extra = reduce_metric_states(shards[0], [1.0], all_reduce=lambda t: t.copy_(total))
+    assert extra == [2.0]
+    want, got = whole.compute(), shards[0].compute()
+    for task in want:
+        for k, v in want[task].items():
+            assert got[task][k] == pytest.approx(v, rel=1e-9, abs=1e-9, nan_ok=True), (task, k)
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from mtbench.results import atomic_write_text
+    root, tag = Path(sys.argv[1]), sys.argv[2]
+    for i in range(200):
+        atomic_write_text(root / "synthetic" / "m" / f"seed{i}.json", '{"writer": "%s", "i": %d, "pad": "%s"}' % (tag, i, "x" * 20000))
+        atomic_write_text(root / "synthetic" / tag / f"seed{i}.json", '{"i": %d}' % i)
+""")
+
+
+def test_two_processes_writing_one_results_directory_lose_nothing(tmp_path):
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), tag]) for tag in ("a", "b")]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    shared = sorted((tmp_path / "synthetic" / "m").iterdir())
+    assert [p.name for p in shared] == sorted(f"seed{i}.json" for i in range(200))  # no temporary file left
+    for p in shared:  # each file is one complete write of one writer, never a mix
+        data = json.loads(p.read_text())
+        assert data["writer"] in ("a", "b") and p.name == f"seed{data['i']}.json" and len(data["pad"]) == 20000
+    for tag in ("a", "b"):
+        own = list((tmp_path / "synthetic" / tag).glob("seed*.json"))
+        assert len(own) == 200
+
+
+def mtbench(*args, cwd=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "mtbench.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--seeds", "0,x"], "--seeds '0,x' is not a comma-separated list"),
+    (["--seeds", "1,1"], "lists a seed twice"),
+    (["--jobs", "0"], "--jobs must be >= 1"),
+    (["--resume", "--restart"], "exclude each other"),
+    (["--launcher", "pbs"], "unknown --launcher 'pbs'"),
+    (["--launcher", "slurm"], "--launcher slurm needs --partition"),
+    (["--launcher", "local", "--time", "soon"], "--time 'soon' is not HH:MM"),
+])
+def test_run_flag_errors_are_one_line(tmp_path, args, message):
+    res = mtbench("run", "--methods", "lora", "--results-dir", str(tmp_path), *args)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], \
+        res.stderr
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))
+
+
+def test_eval_and_status_errors(tmp_path):
+    res = mtbench("eval", "--result", str(tmp_path / "nope.json"))
+    assert res.returncode == 2 and res.stderr.strip() == f"error: result file not found: '{tmp_path / 'nope.json'}'"
+    res = mtbench("status", "--results-dir", str(tmp_path))
+    assert res.returncode == 2 and res.stderr.startswith("error: no sweep recorded")
