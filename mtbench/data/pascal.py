@@ -40,6 +40,7 @@ selection happens on the reported set, exactly as in the papers).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Collection
@@ -142,6 +143,7 @@ def decode_human_parts(anno, shape: tuple[int, int]) -> np.ndarray:
     return parts
 
 
+@functools.lru_cache(maxsize=1)
 def normals_valid_classes() -> tuple[int, ...]:
     """``LabelMap`` ids on which PASCAL-Context normals are valid: ``context_classes[name]`` for every class name
     in both of ASTMT's lists except ``unknown``, plus ``tvmonitor`` (sorted).
