@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -77,8 +77,8 @@ class _RichProgress:
 
 @app.command()
 def run(
-    methods: str = typer.Option(..., "--methods", "-m", help="methods and options, e.g. 'mtlora:r=32,lora:r=8'; "
-                                "a comma item with '=' and no ':' continues the previous method's options"),
+    methods: Annotated[str, typer.Option("--methods", "-m", help="methods and options, e.g. 'mtlora:r=32,lora:r=8'; "
+                                         "a comma item with '=' and no ':' continues the previous method's options")],
     dataset: str = typer.Option("synthetic", help="synthetic | pascal_context | nyud"),
     tasks: Optional[str] = typer.Option(None, help="comma-separated tasks (default: the dataset's default set)"),
     epochs: Optional[int] = typer.Option(None, help="override the dataset recipe's epochs"),
@@ -249,25 +249,34 @@ def attention(
     console.print(f"wrote {path}")
 
 
-def main() -> None:
-    """Console entry point: run the Typer app, turning :class:`MtbenchError` into one line and exit code 2."""
+def main(argv: Optional[list[str]] = None) -> None:
+    """Console entry point: run the Typer app, turning :class:`MtbenchError` into one line and exit code 2.
+
+    Usage errors (unknown command or option, a value of the wrong type, a missing option) are left to click's
+    standalone mode, which prints the short usage message and exits with code 2; bare ``mtbench`` shows the help.
+    Standalone mode is used rather than catching click's exceptions here because typer >= 0.26 ships its own copy of
+    click (``typer._click``) whose exceptions do not derive from the separate ``click`` package's, so an
+    ``isinstance`` check against either one breaks on the other (tested bounds: see ``typer`` in pyproject.toml).
+
+    Args:
+        argv: arguments without the program name (default ``sys.argv[1:]``).
+
+    Raises:
+        SystemExit: always; code 0 on success, 2 on a user error or usage error, 130 on abort.
+    """
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args:  # bare `mtbench`: the help, exit 2 with every click version (older ones exit 0 here)
+        try:
+            app(args=["--help"], prog_name="mtbench", standalone_mode=True)
+        except SystemExit:
+            pass
+        sys.exit(2)
     try:
-        app(standalone_mode=False)
+        app(args=args, prog_name="mtbench", standalone_mode=True)
     except MtbenchError as e:
         print(f"error: {e}", file=sys.stderr)  # plain print: one line, never wrapped
         sys.exit(2)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except typer.Abort:
-        print("aborted", file=sys.stderr)
-        sys.exit(130)
-    except Exception as e:  # click usage errors and the like
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
+    sys.exit(0)
 
 
 if __name__ == "__main__":
