@@ -1,6 +1,7 @@
 """The ``mtbench`` command line (Typer).
 
-Commands: ``list``, ``run``, ``table``, ``params``, ``references``, ``pretrain``, ``attention``. Every user error
+Commands: ``list``, ``run``, ``table``, ``params``, ``references``, ``pretrain``, ``attention``, ``profile``,
+``plot``. Every user error
 (:class:`mtbench.errors.MtbenchError`) prints one line ``error: ...`` on stderr and exits with code 2.
 """
 
@@ -247,6 +248,112 @@ def attention(
     path = out or f"reports/attention_{res.run.method}_{res.run.variant}_stage{stage}.png"
     attention_figure(model, images, path, stage=stage, title=f"{res.run.label}: task attention maps, stage {stage}")
     console.print(f"wrote {path}")
+
+
+def _fmt_ratio(r: Optional[dict]) -> str:
+    return "-" if not r else f"{r['median']:.2f} [{r['min']:.2f}-{r['max']:.2f}]"
+
+
+@app.command()
+def profile(
+    methods: Annotated[str, typer.Option("--methods", "-m", help="methods and options, as for run")],
+    dataset: str = typer.Option("pascal_context", help="setting whose backbone, input size and tasks are built: "
+                                "synthetic | pascal_context | nyud"),
+    batch_size: int = typer.Option(2, help="images per training step (latency and memory of a step)"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+    rounds: int = typer.Option(3, help="timed round-robin rounds (each times every method once)"),
+    warmup: int = typer.Option(1, help="untimed warm-up calls per method before the rounds"),
+    compare_to: Optional[str] = typer.Option(None, help="give time and memory as ratios to this method, e.g. "
+                                             "mtl_full (it must be among --methods)"),
+    scaling: Optional[str] = typer.Option(None, help="'tasks': repeat the measurement with T = 1..--max-tasks "
+                                          "tasks, write a CSV and a plot"),
+    max_tasks: int = typer.Option(8, help="largest T of --scaling tasks"),
+    results_dir: str = typer.Option("results", help="profiles go beside the results: "
+                                    "{results_dir}/{dataset}/{method}/{variant}/profile_{device}.json"),
+    out_dir: str = typer.Option("reports", help="where --scaling writes its CSV and figure"),
+    memory: bool = typer.Option(True, help="measure peak memory (one fresh process per method and mode)"),
+) -> None:
+    """Measure FLOPs (fvcore, cross-checked by torch), peak memory and latency of methods in a dataset's setting."""
+    from mtbench.config import parse_method_specs
+    from mtbench.measure import profile_methods, write_profile
+    from mtbench.results import profile_path
+    from mtbench.runner import DATASET_BACKBONE, resolve_device, set_threads
+
+    if dataset not in DATASET_BACKBONE:
+        raise MtbenchError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASET_BACKBONE)}")
+    if rounds < 1:
+        raise MtbenchError(f"--rounds must be >= 1, got {rounds}")
+    if warmup < 0:
+        raise MtbenchError(f"--warmup must be >= 0, got {warmup}")
+    if batch_size < 1:
+        raise MtbenchError(f"--batch-size must be >= 1, got {batch_size}")
+    if scaling not in (None, "tasks"):
+        raise MtbenchError(f"unknown --scaling {scaling!r}; valid: tasks")
+    if max_tasks < 1:
+        raise MtbenchError(f"--max-tasks must be >= 1, got {max_tasks}")
+    specs = [s.label() for s in parse_method_specs(methods)]
+    for s in parse_method_specs(methods):
+        from mtbench.registry import resolve_spec
+
+        resolve_spec(s)  # validate every name and option before anything is built
+    if compare_to is not None:
+        resolve_spec(parse_method_specs(compare_to)[0])
+    dev = resolve_device(device)
+    set_threads()
+    if scaling == "tasks":
+        from mtbench.measure import scaling_tasks
+
+        csv, fig = scaling_tasks(specs, dataset, batch_size=batch_size, device=dev, rounds=rounds, warmup=warmup,
+                                 max_tasks=max_tasks, out_dir=out_dir, memory=memory, log=console.print)
+        console.print(f"wrote {csv}\nwrote {fig}")
+        return
+    profiles = profile_methods(specs, dataset, batch_size=batch_size, device=dev, rounds=rounds, warmup=warmup,
+                               compare_to=compare_to, memory=memory, log=lambda m: console.print(f"[dim]{m}[/dim]"))
+    env = profiles[0]["env"]
+    mem_key = "allocated_step_mb" if dev.type == "cuda" else "rss_step_mb"
+    t = Table(title=f"cost, {dataset} setting ({'x'.join(map(str, profiles[0]['input_size']))}), "
+                    f"{env['device_name']}, {env['threads']} threads, torch {env['torch']}, float32; "
+                    f"train step at batch {batch_size}", title_justify="left")
+    cols = ["Method", "#TP (M)", "GMACs (fvcore MACs)", "GFLOPs (2xGMACs)", "GFLOPs (torch)",
+            "train GFLOPs (torch fwd+bwd)", "train mem MB", "infer mem MB", "infer ms b=1 med [p10-p90]",
+            "infer img/s", f"train ms/step b={batch_size}", "train img/s"]
+    if compare_to:
+        cols += ["infer time ratio", "train time ratio", "train mem ratio"]
+    for c in cols:
+        t.add_column(c, justify="left" if c == "Method" else "right")
+    for p in profiles:
+        fi, ts = p["flops"]["inference"], p["flops"]["train_step"]
+        li, lt = p["latency"]["inference_batch1"], p["latency"]["train_step"]
+        mem = p.get("memory", {})
+        row = [escape(p["label"]), f"{p['params']['trainable'] / 1e6:.2f}", f"{fi['gmacs']:.3f}", f"{fi['gflops']:.3f}",
+               f"{fi['torch_gflops']:.3f}", f"{ts['torch_gflops']:.3f}",
+               f"{mem['train'][mem_key]:.0f}" if mem else "-", f"{mem['inference'][mem_key]:.0f}" if mem else "-",
+               f"{li['median_ms']:.1f} [{li['p10_ms']:.1f}-{li['p90_ms']:.1f}]", f"{li['items_per_s']:.2f}",
+               f"{lt['median_ms']:.0f} [{lt['p10_ms']:.0f}-{lt['p90_ms']:.0f}]", f"{lt['items_per_s']:.2f}"]
+        if compare_to:
+            r = p["ratios"]
+            row += [_fmt_ratio(r["inference_time"]), _fmt_ratio(r["train_time"]),
+                    f"{r['train_memory']:.2f}" if "train_memory" in r else "-"]
+        t.add_row(*row)
+    console.print(t)
+    if profiles[0].get("memory"):
+        console.print(f"[dim]memory: {escape(profiles[0]['memory']['train']['what'])}[/dim]")
+    if compare_to:
+        console.print(f"[dim]ratios to {escape(compare_to)}: median \\[min-max] over {rounds} interleaved rounds "
+                      "(round-robin over methods in one process); memory: ratio of the fresh-process step peaks[/dim]")
+    for p in profiles:
+        fi = p["flops"]["inference"]
+        skipped = ", ".join(f"{k.replace('aten::', '')} x{v}" for k, v in fi["skipped"].items()) or "none"
+        console.print(f"{escape(p['label'])}: fvcore skipped (not counted): {escape(skipped)}")
+        if fi["mismatch"]:
+            diff = "; ".join(f"{m['operator']} fvcore {m['fvcore_gflops']:.4f} vs torch {m['torch_gflops']:.4f} GFLOPs"
+                             for m in fi["mismatch"])
+            console.print(f"  fvcore vs torch differ by {100 * fi['rel_diff']:+.2f}% (> 2%): {escape(diff)}")
+        else:
+            console.print(f"  fvcore and torch agree within 2% ({100 * fi['rel_diff']:+.2f}%)")
+        path = profile_path(results_dir, dataset, p["method"], p["variant"], dev.type)
+        write_profile(p, path)
+        console.print(f"  wrote {path}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
