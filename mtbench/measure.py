@@ -183,8 +183,8 @@ class _TupleOutput(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x):
-        out = self.model(x)
+    def forward(self, *x):
+        out = self.model(*x)
         if isinstance(out, dict):
             return tuple(out[k] for k in sorted(out))
         return out
