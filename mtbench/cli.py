@@ -128,28 +128,88 @@ def run(
                 + (f", Δm {dm:+.2f}%" if dm is not None else "") + f", #TP {result.params['trainable']:,} -> {r.path}")
 
 
+def _print_frame(title: str, shown, index_name: str = "Method") -> None:
+    t = Table(title=title, title_justify="left")
+    t.add_column(index_name)
+    for c in shown.columns:
+        t.add_column(str(c), justify="left" if c in ("reported in", "profile", "source", "note") else "right")
+    for label, row in shown.iterrows():
+        t.add_row(escape(str(label)), *[escape(str(v)) for v in row])
+    console.print(t)
+
+
+def _print_reported(kind: str) -> None:
+    """The shipped papers' numbers, one rich table per paper table, every row marked as reported."""
+    import pandas as pd
+
+    from mtbench.report import REPORTED_FILE, load_reported
+
+    df = load_reported()
+    if kind == "cost":
+        df = df[df["memory_gb"].notna() | df["time_s_per_batch"].notna()]
+    for (paper, tab, ds), g in df.groupby(["paper", "table", "dataset"], sort=False):
+        cols = [c for c in ("semseg", "human_parts", "sal", "normals", "depth", "delta_m", "tp_m", "memory_gb",
+                            "time_s_per_batch") if g[c].notna().any()]
+        titles = {"semseg": "SemSeg (mIoU ↑)", "human_parts": "Parts (mIoU ↑)", "sal": "Sal (mIoU ↑)",
+                  "normals": "Normals (mErr ↓)", "depth": "Depth (rmse ↓)", "delta_m": "Δm (%)", "tp_m": "#TP (M)",
+                  "memory_gb": "Memory (GB)", "time_s_per_batch": "Time (s/batch)"}
+        digits = {"depth": 3, "time_s_per_batch": 3}
+        shown = pd.DataFrame({titles[c]: [("—" if pd.isna(v) else (f"{v:+.2f}" if c == "delta_m" and v else
+                                                                   f"{v:.{digits.get(c, 2)}f}"))
+                                          for v in g[c]] for c in cols}, index=list(g["row"]))
+        shown["mtbench method"] = [m + (f" ({o.replace(';', ', ')})" if o else "") if m else "—"
+                                   for m, o in zip(g["method"], g["options"])]
+        shown["note"] = list(g["note"])
+        _print_frame(f"REPORTED: {paper} {tab}, {ds} ({len(g)} rows, as printed; source {REPORTED_FILE.name})",
+                     shown, "Method (reported)")
+
+
 @app.command()
 def table(
     dataset: str = typer.Option("synthetic", help="dataset whose results to tabulate"),
     results_dir: str = typer.Option("results", help="where result files are"),
     out_dir: str = typer.Option("reports", help="where the Markdown and LaTeX tables are written"),
+    kind: str = typer.Option("paper", help="paper: Table 1 layout (metrics, Δm, #TP) | cost: TDSS Table 3 layout "
+                             "(#TP, train memory, time per batch, GFLOPs, latency, Δm) from result and profile files"),
+    reported: bool = typer.Option(False, "--reported", help="also print the numbers the papers report (TADFormer "
+                                  "Tables 1-2, TDSS Tables 1-3, MTLoRA Table 1), marked as reported, with sources"),
 ) -> None:
-    """Print the paper-style table (Table 1 layout) from result files and write it under reports/."""
-    from mtbench.report import build_table, format_table, write_table
+    """Print the paper-style table from result files and write it under reports/ (``--kind cost``: the cost table)."""
+    from mtbench.report import (
+        add_reported_columns, build_cost_table, build_table, format_cost_table, format_table, write_table,
+    )
 
-    tab, ref_source = build_table(results_dir, dataset)
-    shown = format_table(tab)
-    t = Table(title=f"{dataset}: test split", title_justify="left")
-    t.add_column("Method")
-    for c in shown.columns:
-        t.add_column(c, justify="right")
-    for label, row in shown.iterrows():
-        t.add_row(escape(str(label)), *[str(v) for v in row])
-    console.print(t)
-    console.print(f"Δm references: {ref_source}" if ref_source else
-                  "Δm: no single-task references yet (mtbench run --methods single_task; mtbench references)")
-    for p in write_table(tab, out_dir, dataset, ref_source):
-        console.print(f"wrote {p}")
+    if kind not in ("paper", "cost"):
+        raise MtbenchError(f"unknown --kind {kind!r}; valid: paper, cost")
+    try:
+        if kind == "cost":
+            tab = build_cost_table(results_dir, dataset)
+            _print_frame(f"{dataset}: cost (measured; memory = training step's peak over the memory before it, "
+                         "GFLOPs = 2 x fvcore GMACs of one image, latency = median inference at batch 1)",
+                         format_cost_table(tab))
+            from mtbench.results import atomic_write_text
+
+            md = format_cost_table(tab).to_markdown(disable_numparse=True)
+            path = Path(out_dir) / f"cost_{dataset}.md"
+            atomic_write_text(path, md + "\n")
+            console.print(f"wrote {path}")
+        else:
+            tab, ref_source = build_table(results_dir, dataset)
+            shown = format_table(add_reported_columns(tab, results_dir, dataset))
+            for c in ("Δm reported (%)", "#TP reported (M)"):
+                if c in shown.columns:
+                    shown[c] = ["—" if v in ("nan", "—") else v for v in shown[c]]
+            _print_frame(f"{dataset}: test split", shown)
+            console.print(f"Δm references: {ref_source}" if ref_source else
+                          "Δm: no single-task references yet (mtbench run --methods single_task; mtbench references)")
+            for p in write_table(tab, out_dir, dataset, ref_source):
+                console.print(f"wrote {p}")
+    except MtbenchError as e:
+        if not reported or not str(e).startswith("no result files"):
+            raise
+        console.print(f"[yellow]no measured rows:[/yellow] {escape(str(e))}")
+    if reported:
+        _print_reported(kind)
 
 
 @app.command()
@@ -248,6 +308,33 @@ def attention(
     path = out or f"reports/attention_{res.run.method}_{res.run.variant}_stage{stage}.png"
     attention_figure(model, images, path, stage=stage, title=f"{res.run.label}: task attention maps, stage {stage}")
     console.print(f"wrote {path}")
+
+
+@app.command()
+def plot(
+    dataset: str = typer.Option("synthetic", help="dataset whose results and profiles to draw"),
+    results_dir: str = typer.Option("results", help="where result and profile files are"),
+    x: Optional[str] = typer.Option(None, help="tp | gflops | memory | latency (default: all four)"),
+    reported: bool = typer.Option(False, "--reported", help="add the papers' reported points (hollow, labelled)"),
+    out_dir: str = typer.Option("reports", help="where pareto_{dataset}_{x}.png and .pdf are written"),
+) -> None:
+    """Draw Δm against #TP, GFLOPs, training memory and latency with the Pareto front (PNG and PDF)."""
+    from mtbench.pareto import AXES, cost_points, plot_cost
+
+    axes = list(AXES) if x is None else [x]
+    for a in axes:
+        if a not in AXES:
+            raise MtbenchError(f"unknown --x {a!r}; valid: {', '.join(AXES)}")
+    points, device = cost_points(results_dir, dataset, reported=reported)
+    for a in axes:
+        try:
+            paths = plot_cost(points, a, dataset, device, out_dir)
+        except MtbenchError as e:
+            if x is not None:
+                raise
+            console.print(f"[yellow]skip {a}:[/yellow] {escape(str(e))}")
+            continue
+        console.print("wrote " + ", ".join(str(p) for p in paths))
 
 
 def _fmt_ratio(r: Optional[dict]) -> str:

@@ -638,8 +638,8 @@ def profile_methods(specs: Sequence[str], dataset: str = "pascal_context", *, ba
         w.optimizer.zero_grad(set_to_none=True)
         saved_targets = w.targets
         w.targets = {k: v[:1] for k, v in saved_targets.items()}
-        fwd_flops, _ = count_train_step_flops(lambda: w.loss(w.model.train()(w.image1)))
         step_flops, step_by_op = count_train_step_flops(lambda: w.forward_backward(w.image1))
+        fwd_flops = fl_inf.torch_flops  # torch counts no operator that differs between train and eval mode
         w.targets = saved_targets
         w.optimizer.zero_grad(set_to_none=True)
         pb = count_params(w.model)
@@ -655,8 +655,10 @@ def profile_methods(specs: Sequence[str], dataset: str = "pascal_context", *, ba
                                      "backward_torch_gflops": (step_flops - fwd_flops) / 1e9,
                                      "torch_by_operator": step_by_op,
                                      "what": "torch FlopCounterMode over forward (train mode) + losses + "
-                                             "backward of one image; the AdamW update is elementwise and not "
-                                             "counted; fvcore traces forward graphs only, so it has no twin here"}},
+                                             "backward of one image; forward = the inference count (the operators "
+                                             "torch counts are the same in both modes); the AdamW update is "
+                                             "elementwise and not counted; fvcore traces forward graphs only, so "
+                                             "it has no twin here"}},
         })
     if memory:
         for w, prof in zip(works, profiles):
