@@ -394,8 +394,12 @@ def profile(
                                  max_tasks=max_tasks, out_dir=out_dir, memory=memory, log=console.print)
         console.print(f"wrote {csv}\nwrote {fig}")
         return
+    import time
+
+    t0 = time.perf_counter()
     profiles = profile_methods(specs, dataset, batch_size=batch_size, device=dev, rounds=rounds, warmup=warmup,
-                               compare_to=compare_to, memory=memory, log=lambda m: console.print(f"[dim]{m}[/dim]"))
+                               compare_to=compare_to, memory=memory,
+                               log=lambda m: console.print(f"[dim]{time.perf_counter() - t0:6.0f} s  {m}[/dim]"))
     env = profiles[0]["env"]
     mem_key = "allocated_step_mb" if dev.type == "cuda" else "rss_step_mb"
     t = Table(title=f"cost, {dataset} setting ({'x'.join(map(str, profiles[0]['input_size']))}), "

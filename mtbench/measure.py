@@ -514,23 +514,33 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> dict[str, Any]:
             if ok else "Linux VmHWM of the whole process (clear_refs unavailable: includes start-up)"}
 
 
-def _memory_child(spec: str, dataset: str, batch_size: int, device: str, mode: str, threads: int,
+def _memory_child(spec: str, dataset: str, batch_size: int, device: str, modes: list[str], threads: int,
                   n_tasks: int | None) -> dict:
+    import gc
+
     torch.set_num_threads(threads)
     tasks = None if n_tasks is None else scaled_tasks(dataset, n_tasks)
     w = Workload(spec, dataset, batch_size, device, tasks=tasks)
-    fn = w.infer if mode == "inference" else w.train_step
-    return peak_memory(fn, w.device)
+    out = {}
+    for mode in modes:
+        gc.collect()
+        out[mode] = peak_memory(w.infer if mode == "inference" else w.train_step, w.device)
+    return out
 
 
-def measure_memory_isolated(spec: str, dataset: str, batch_size: int, device: torch.device, mode: str,
-                            n_tasks: int | None = None) -> dict:
-    """:func:`peak_memory` of one inference call (batch 1) or one training step (``batch_size``; the first step,
-    so gradients and AdamW's two moments are allocated inside it) of a method, in a fresh spawned process that
-    builds the model and then measures.
+def measure_memory_isolated(spec: str, dataset: str, batch_size: int, device: torch.device,
+                            modes: Sequence[str] = ("inference", "train"), n_tasks: int | None = None) -> dict:
+    """:func:`peak_memory` of one inference call (batch 1) and of one training step (``batch_size``; the first
+    step, so gradients and AdamW's two moments are allocated inside it) of a method, in a fresh Python process
+    (``sys.executable``) per method that builds the model and then measures the modes in order (inference first:
+    its activations are freed and returned before the training step; large CPU tensors are ``mmap``-ed and given
+    back to the system when freed, so they do not hide the step's peak).
 
     Args:
-        mode: ``inference`` or ``train``.
+        modes: ``inference`` and/or ``train``.
+
+    Returns:
+        ``{mode: peak_memory(...)}``.
 
     Raises:
         MtbenchError: bad arguments (raised in the child, re-raised here).
@@ -541,13 +551,13 @@ def measure_memory_isolated(spec: str, dataset: str, batch_size: int, device: to
     from mtbench.errors import MtbenchError
 
     args = _json.dumps({"spec": spec, "dataset": dataset, "batch_size": batch_size, "device": str(device),
-                        "mode": mode, "threads": torch.get_num_threads(), "n_tasks": n_tasks})
+                        "modes": list(modes), "threads": torch.get_num_threads(), "n_tasks": n_tasks})
     res = subprocess.run([sys.executable, "-c", "from mtbench.measure import _child_main; _child_main()", args],
                          capture_output=True, text=True)
     lines = res.stdout.strip().splitlines()
     if res.returncode != 0 or not lines:
         tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
-        raise MtbenchError(f"memory measurement of {spec!r} ({mode}) failed in its child process: {tail}")
+        raise MtbenchError(f"memory measurement of {spec!r} failed in its child process: {tail}")
     return _json.loads(lines[-1])
 
 
@@ -557,7 +567,7 @@ def _child_main() -> None:
     import sys
 
     a = _json.loads(sys.argv[1])
-    print(_json.dumps(_memory_child(a["spec"], a["dataset"], a["batch_size"], a["device"], a["mode"], a["threads"],
+    print(_json.dumps(_memory_child(a["spec"], a["dataset"], a["batch_size"], a["device"], a["modes"], a["threads"],
                                     a["n_tasks"])))
 
 
@@ -664,8 +674,7 @@ def profile_methods(specs: Sequence[str], dataset: str = "pascal_context", *, ba
         for w, prof in zip(works, profiles):
             log(f"memory (fresh process): {w.label}")
             n_tasks = None if tasks is None else len(tasks)
-            prof["memory"] = {m: measure_memory_isolated(w.spec, dataset, batch_size, device, m, n_tasks)
-                              for m in ("inference", "train")}
+            prof["memory"] = measure_memory_isolated(w.spec, dataset, batch_size, device, n_tasks=n_tasks)
     log(f"latency: {warmup} warm-up + {rounds} round-robin rounds")
     for w in works:
         for _ in range(warmup):
@@ -710,3 +719,74 @@ def write_profile(profile: dict[str, Any], path) -> None:
     from mtbench.results import atomic_write_text
 
     atomic_write_text(Path(path), _json.dumps(profile, indent=2) + "\n")
+
+
+def scaling_tasks(specs: Sequence[str], dataset: str, *, batch_size: int, device, rounds: int, warmup: int,
+                  max_tasks: int, out_dir, memory: bool = True, log: Callable[[str], None] | None = None):
+    """Cost against the number of tasks T = 1..``max_tasks`` (:func:`scaled_tasks`: the dataset's task kinds
+    repeated), for each method: GFLOPs of inference (fvcore) and of a training step (torch), latency, training-step
+    memory. Writes ``scaling_tasks_{dataset}.csv`` and ``scaling_tasks_{dataset}.png``/``.pdf`` (cost against T,
+    one line per method) under ``out_dir`` atomically.
+
+    Returns:
+        ``(csv path, png path)``.
+
+    Raises:
+        MtbenchError: as :func:`profile_methods`.
+    """
+    import io
+    from pathlib import Path
+
+    import pandas as pd
+
+    from mtbench.results import atomic_write_bytes, atomic_write_text
+
+    log = log or (lambda s: None)
+    rows = []
+    for n in range(1, max_tasks + 1):
+        log(f"T = {n} tasks")
+        for p in profile_methods(specs, dataset, batch_size=batch_size, device=device, rounds=rounds, warmup=warmup,
+                                 tasks=scaled_tasks(dataset, n), memory=memory):
+            mem = p.get("memory", {}).get("train", {})
+            rows.append({"method": p["label"], "tasks": n, "tp_m": p["params"]["trainable"] / 1e6,
+                         "gflops": p["flops"]["inference"]["gflops"],
+                         "train_step_gflops": p["flops"]["train_step"]["torch_gflops"],
+                         "inference_ms": p["latency"]["inference_batch1"]["median_ms"],
+                         "train_step_ms": p["latency"]["train_step"]["median_ms"],
+                         "train_memory_mb": mem.get("allocated_step_mb", mem.get("rss_step_mb", float("nan"))),
+                         "device": p["env"]["device_name"], "batch_size": batch_size})
+    df = pd.DataFrame(rows)
+    out = Path(out_dir)
+    csv = out / f"scaling_tasks_{dataset}.csv"
+    atomic_write_text(csv, df.to_csv(index=False))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid")
+    panels = [("gflops", "GFLOPs per image, inference (2 x fvcore GMACs)"),
+              ("train_step_gflops", "GFLOPs per image, training step (torch)"),
+              ("inference_ms", "inference latency, batch 1 (ms)"),
+              ("train_memory_mb" if memory else "train_step_ms",
+               "training-step peak memory (MB)" if memory else f"training step, batch {batch_size} (ms)")]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for ax, (col, label) in zip(axes.flat, panels):
+        sns.lineplot(data=df, x="tasks", y=col, hue="method", style="method", markers=True, dashes=False, ax=ax)
+        ax.set_xlabel("number of tasks T")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_ylabel(label, fontsize=8)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"cost against the number of tasks, {dataset} setting — {rows[0]['device']}", fontsize=10)
+    fig.tight_layout()
+    paths = []
+    for ext in ("png", "pdf"):
+        buf = io.BytesIO()
+        fig.savefig(buf, format=ext, dpi=100)
+        paths.append(out / f"scaling_tasks_{dataset}.{ext}")
+        atomic_write_bytes(paths[-1], buf.getvalue())
+    plt.close(fig)
+    return csv, paths[0]

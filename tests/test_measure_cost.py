@@ -145,3 +145,25 @@ def test_cpu_peak_memory_sees_a_step_allocation():
     m = peak_memory(step, torch.device("cpu"))
     assert 60 <= m["rss_step_mb"] < 200
     assert "VmHWM" in m["what"]
+
+
+def test_scaled_tasks_repeat_the_dataset_kinds():
+    from mtbench.tasks import resolve_tasks
+
+    base = [t.name for t in resolve_tasks("synthetic")]
+    names = [t.name for t in measure.scaled_tasks("synthetic", 6)]
+    assert names[:len(base)] == base and names[len(base):] == [f"{n}#2" for n in base[:6 - len(base)]]
+    with pytest.raises(Exception, match="must be >= 1"):
+        measure.scaled_tasks("synthetic", 0)
+
+
+def test_decoder_flops_grow_with_the_number_of_tasks():
+    """Each extra task adds one decoder head: the count grows with T, by the same head cost for a repeated kind."""
+    counts = []
+    for n in (1, 5):
+        w = measure.Workload("decoder_only", "synthetic", 1, "cpu", tasks=measure.scaled_tasks("synthetic", n))
+        counts.append(count_flops(w.model, w.image1).macs)
+    w1 = measure.Workload("decoder_only", "synthetic", 1, "cpu", tasks=measure.scaled_tasks("synthetic", 1))
+    head = count_flops(w1.model.decoders["semseg"], ([torch.randn(1, c, s, s) for c, s in
+                                                      zip(w1.model.backbone.feature_dims, (8, 4, 2, 2))], (64, 64)))
+    assert counts[1] - counts[0] >= head.macs > 0
