@@ -53,7 +53,7 @@ def test_unknown_command():
     assert "Traceback" not in res.stderr and "nosuch" in res.stderr and "Usage" in res.stderr
 
 
-COMMANDS = ["list", "run", "table", "params", "references", "pretrain", "attention"]
+COMMANDS = ["list", "run", "table", "params", "references", "pretrain", "attention", "profile", "plot"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -74,6 +74,11 @@ def test_every_command_is_covered():
     (["params", "--dataset"], "--dataset"),
     (["pretrain", "--epochs", "1.5"], "--epochs"),
     (["attention", "--n", "many"], "--n"),
+    (["profile", "--methods", "mtlora", "--rounds", "abc"], "--rounds"),
+    (["profile", "--methods", "mtlora", "--batch-size", "x2"], "--batch-size"),
+    (["profile", "--rounds", "3"], "--methods"),
+    (["plot", "--results-dir"], "--results-dir"),
+    (["table", "--kind"], "--kind"),
 ])
 def test_bad_value_or_missing_argument(args, bad):
     """click names the option whose value is bad or missing (typer >= 0.26 no longer repeats the value itself)."""
