@@ -363,6 +363,7 @@ def profile(
     """Measure FLOPs (fvcore, cross-checked by torch), peak memory and latency of methods in a dataset's setting."""
     from mtbench.config import parse_method_specs
     from mtbench.measure import profile_methods, write_profile
+    from mtbench.registry import resolve_spec
     from mtbench.results import profile_path
     from mtbench.runner import DATASET_BACKBONE, resolve_device, set_threads
 
@@ -378,13 +379,14 @@ def profile(
         raise MtbenchError(f"unknown --scaling {scaling!r}; valid: tasks")
     if max_tasks < 1:
         raise MtbenchError(f"--max-tasks must be >= 1, got {max_tasks}")
-    specs = [s.label() for s in parse_method_specs(methods)]
-    for s in parse_method_specs(methods):
-        from mtbench.registry import resolve_spec
-
-        resolve_spec(s)  # validate every name and option before anything is built
+    parsed = parse_method_specs(methods)
+    specs = [s.label() for s in parsed]
+    labels = [resolve_spec(s).label for s in parsed]  # validates every name and option before anything is built
     if compare_to is not None:
-        resolve_spec(parse_method_specs(compare_to)[0])
+        ref = parse_method_specs(compare_to)
+        if len(ref) != 1 or resolve_spec(ref[0]).label not in labels:
+            raise MtbenchError(f"--compare-to {compare_to!r} is not among the profiled methods; valid: "
+                               + ", ".join(labels))
     dev = resolve_device(device)
     set_threads()
     if scaling == "tasks":
