@@ -598,9 +598,9 @@ def profile_methods(specs: Sequence[str], dataset: str = "pascal_context", *, ba
                     log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Profile methods in a dataset's setting: FLOPs, peak memory, latency, and ratios to a reference method.
 
-    FLOPs: :func:`count_flops` of one image (eval mode) and of a training-mode forward, plus
-    :func:`count_train_step_flops` (forward + backward of one image, torch's counter only). Memory: :func:`measure_memory_isolated` for
-    inference and a training step. Latency: all methods are built in this process and timed round-robin
+    FLOPs: :func:`count_flops` of one image (eval mode), plus :func:`count_train_step_flops` (forward, losses and
+    backward of one image; torch's counter only). Memory: :func:`measure_memory_isolated` (one fresh process per
+    method) for inference and a training step. Latency: all methods are built in this process and timed round-robin
     (``rounds`` rounds; in each round every method runs one inference at batch 1 and one training step at
     ``batch_size``), after ``warmup`` untimed calls of each; ratios to ``compare_to`` are taken per round.
 
