@@ -88,6 +88,38 @@ def result_path(root: str | os.PathLike, dataset: str, method: str, variant: str
     return Path(root) / dataset / method / variant / f"seed{seed}.json"
 
 
+def profile_path(root: str | os.PathLike, dataset: str, method: str, variant: str, device: str) -> Path:
+    """Where ``mtbench profile`` writes a method's cost profile: beside its results,
+    ``{root}/{dataset}/{method}/{variant}/profile_{device}.json`` (``device`` = ``cpu`` or ``cuda``)."""
+    return Path(root) / dataset / method / variant / f"profile_{device}.json"
+
+
+def profile_for_result(result_file: str | os.PathLike, device: str | None = None) -> Path | None:
+    """The profile file beside a result file: ``profile_{device}.json``, or with ``device=None`` the CUDA profile
+    when there is one, else the CPU one; None when there is none."""
+    folder = Path(result_file).parent
+    for d in ([device] if device else ["cuda", "cpu"]):
+        p = folder / f"profile_{d}.json"
+        if p.is_file():
+            return p
+    return None
+
+
+def load_profile(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a profile file.
+
+    Raises:
+        MtbenchError: not valid JSON or not a profile (named in the message).
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise MtbenchError(f"invalid profile file {path}: {e}") from None
+    if not isinstance(data, dict) or data.get("schema") != "mtbench.profile/1":
+        raise MtbenchError(f"invalid profile file {path}: no 'schema': 'mtbench.profile/1'")
+    return data
+
+
 def default_mode() -> int:
     """Permissions of a new file under the current umask (temporary files are created 0600)."""
     mask = os.umask(0)
@@ -102,6 +134,23 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, default_mode())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file in the same directory + ``os.replace``), e.g. a figure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, default_mode())

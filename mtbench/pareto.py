@@ -1,0 +1,177 @@
+"""Cost-accuracy figures: Δm against #TP (TADFormer Fig. 1), GFLOPs, training memory and latency, with the Pareto
+front, drawn from result and profile files only (matplotlib + seaborn).
+
+:func:`pareto_front` is a pure function. :func:`cost_points` joins each result's Δm (recomputed as in
+``mtbench table``) with the profile beside it (:func:`mtbench.results.profile_for_result`); the cost numbers come
+from :mod:`mtbench.measure` through those files.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from mtbench.errors import MtbenchError
+
+#: The x axes ``mtbench plot --x`` knows: column, axis label with unit, file suffix.
+AXES = {
+    "tp": ("tp_m", "#TP (M trainable parameters)"),
+    "gflops": ("gflops", "GFLOPs per image (= 2 x fvcore GMACs, inference)"),
+    "memory": ("memory_mb", "training-step peak memory (MB)"),
+    "latency": ("latency_ms", "inference latency, batch 1 (ms, median)"),
+}
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the Pareto-optimal points when minimising cost ``x`` and maximising ``y`` (Δm).
+
+    A point is on the front unless another point is at most as costly and at least as good, and strictly better in
+    one of the two. Equal points are all kept. Points with a NaN coordinate are never on the front.
+
+    Args:
+        points: ``(x, y)`` pairs.
+
+    Returns:
+        indices into ``points``, sorted by increasing ``x`` (then decreasing ``y``).
+    """
+    ok = [i for i, (x, y) in enumerate(points) if not (math.isnan(x) or math.isnan(y))]
+    front = []
+    for i in ok:
+        xi, yi = points[i]
+        dominated = any(points[j][0] <= xi and points[j][1] >= yi and (points[j][0] < xi or points[j][1] > yi)
+                        for j in ok if j != i)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: (points[i][0], -points[i][1]))
+
+
+def _group(label: str) -> str:
+    """A method's configurations share a line: the label without its option list, e.g. ``mtlora (r=32)`` ->
+    ``mtlora``; variants such as ``decoder_only [random init]`` stay apart."""
+    import re
+
+    return re.sub(r" \([^)]*\)", "", label).strip()
+
+
+def cost_points(results_dir: str | Path, dataset: str, reported: bool = False) -> tuple[pd.DataFrame, str]:
+    """One row per measured configuration (label, method = its line group, Δm, tp_m, gflops, memory_mb, latency_ms, reported=False)
+    and, with ``reported``, one per reported row of the papers for this dataset (Δm and #TP; training memory from
+    TDSS Table 3, GB -> MB; reported=True). Also the device description of the profiles used.
+
+    Raises:
+        MtbenchError: nothing to plot (no result files and, with ``reported``, no reported rows).
+    """
+    from mtbench.report import build_table, load_reported, results_frame
+    from mtbench.results import load_profile, profile_for_result
+
+    rows, devices = [], set()
+    try:
+        table, _ = build_table(results_dir, dataset)
+        df = results_frame(results_dir, dataset)
+    except MtbenchError:
+        if not reported:
+            raise
+        table, df = None, None
+    if table is not None:
+        for label in table.index:
+            g = df[df["label"] == label]
+            row = {"label": label, "method": _group(label), "delta_m": table.loc[label, "Δm (%)"],
+                   "tp_m": table.loc[label, "#TP (M)"], "gflops": math.nan, "memory_mb": math.nan,
+                   "latency_ms": math.nan, "reported": False}
+            path = profile_for_result(g["path"].iloc[0])
+            if path is not None:
+                p = load_profile(path)
+                mem = p.get("memory", {}).get("train", {})
+                row.update(gflops=p["flops"]["inference"]["gflops"],
+                           memory_mb=mem.get("allocated_step_mb", mem.get("rss_step_mb", math.nan)),
+                           latency_ms=p["latency"]["inference_batch1"]["median_ms"])
+                devices.add(f"{p['env']['device_name']} ({p['env']['device']}, {p['env']['threads']} threads)")
+            rows.append(row)
+    if reported:
+        rep = load_reported(dataset)
+        for _, r in rep.drop_duplicates(subset=["row", "delta_m", "tp_m", "memory_gb"]).iterrows():
+            if math.isnan(r["delta_m"]):
+                continue
+            rows.append({"label": f"{r['row']} [{r['paper']} {r['table']}]", "method": r["method"] or r["row"],
+                         "delta_m": r["delta_m"], "tp_m": r["tp_m"], "gflops": math.nan,
+                         "memory_mb": r["memory_gb"] * 1024, "latency_ms": math.nan, "reported": True})
+    if not rows:
+        raise MtbenchError(f"nothing to plot for dataset {dataset!r} under {str(results_dir)!r}")
+    return pd.DataFrame(rows), "; ".join(sorted(devices)) or "no profiles"
+
+
+def plot_cost(points: pd.DataFrame, x: str, dataset: str, device: str, out_dir: str | Path) -> list[Path]:
+    """Draw Δm against one cost axis and write ``pareto_{dataset}_{x}.png`` and ``.pdf`` under ``out_dir``.
+
+    Measured points are filled, reported ones hollow and labelled "(reported)"; each method has its own colour and
+    marker, and the configurations of one method (e.g. its ranks) are joined by a line in order of cost. The Pareto
+    front of the measured points is drawn as a step line and its members labelled.
+
+    Raises:
+        MtbenchError: unknown axis, or no point with both Δm and this cost.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    from mtbench.results import atomic_write_bytes
+
+    if x not in AXES:
+        raise MtbenchError(f"unknown --x {x!r}; valid: {', '.join(AXES)}")
+    col, xlabel = AXES[x]
+    pts = points.dropna(subset=[col, "delta_m"])
+    if pts.empty:
+        raise MtbenchError(f"no point has both Δm and {col} for dataset {dataset!r} (run `mtbench profile` for the "
+                           "methods' costs, and train them for Δm)")
+    methods = list(dict.fromkeys(pts["method"]))
+    palette = sns.color_palette("tab10", max(len(methods), 3))
+    markers = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
+    style = {m: (palette[i % len(palette)], markers[i % len(markers)]) for i, m in enumerate(methods)}
+    sns.set_theme(style="whitegrid")
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for m in methods:
+        color, marker = style[m]
+        for rep in (False, True):
+            g = pts[(pts["method"] == m) & (pts["reported"] == rep)].sort_values(col)
+            if g.empty:
+                continue
+            if len(g) > 1:
+                ax.plot(g[col], g["delta_m"], color=color, lw=1, ls="--" if rep else "-", alpha=0.7)
+            ax.scatter(g[col], g["delta_m"], s=60, marker=marker, label=f"{m}{' (reported)' if rep else ''}",
+                       facecolors="none" if rep else color, edgecolors=color, linewidths=1.5, zorder=3)
+            if rep:
+                for _, r in g.iterrows():
+                    ax.annotate(r["label"].split(" [")[0] + " (reported)", (r[col], r["delta_m"]), fontsize=6,
+                                xytext=(4, -8), textcoords="offset points", color=color)
+    measured = pts[~pts["reported"]].reset_index(drop=True)
+    if len(measured):
+        idx = pareto_front(list(zip(measured[col], measured["delta_m"])))
+        front = measured.loc[idx]
+        ax.step(front[col], front["delta_m"], where="post", color="black", lw=1.2, alpha=0.6,
+                label="Pareto front (measured)")
+        for _, r in front.iterrows():
+            ax.annotate(r["label"], (r[col], r["delta_m"]), fontsize=8, xytext=(5, 4), textcoords="offset points")
+    if x == "tp" or (pts[col] > 0).all() and pts[col].max() / max(pts[col].min(), 1e-12) > 30:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("Δm (%) vs single-task")
+    ax.set_title(f"{dataset}: Δm vs {x} — {device}", fontsize=9)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    out_dir = Path(out_dir)
+    paths = []
+    for ext in ("png", "pdf"):
+        import io
+
+        buf = io.BytesIO()
+        fig.savefig(buf, format=ext, dpi=110)
+        path = out_dir / f"pareto_{dataset}_{x}.{ext}"
+        atomic_write_bytes(path, buf.getvalue())
+        paths.append(path)
+    plt.close(fig)
+    return paths

@@ -1,0 +1,87 @@
+"""Usage errors of every command, through the installed ``mtbench`` entry point in a subprocess, as a user types them.
+
+Whatever typer version pyproject allows (typer >= 0.26 vendors click as ``typer._click``), a usage error prints
+click's short usage message and exits 2 without a traceback, and bare ``mtbench`` shows the help.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _entry() -> list[str]:
+    """The ``mtbench`` console script next to this interpreter, else the same ``main`` through ``python -c``."""
+    script = Path(sys.executable).parent / "mtbench"
+    if script.exists() or shutil.which("mtbench"):
+        return [sys.executable, str(script if script.exists() else shutil.which("mtbench"))]
+    return [sys.executable, "-c", "import sys; from mtbench.cli import main; sys.exit(main())"]
+
+
+def mtbench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*_entry(), *args], capture_output=True, text=True, timeout=300)
+
+
+def _commands() -> list[str]:
+    from mtbench.cli import app
+
+    return [c.name or c.callback.__name__ for c in app.registered_commands]
+
+
+def test_entry_point_runs_this_checkout():
+    res = subprocess.run([*_entry()[:-1], "-c", "import mtbench.cli; print(mtbench.cli.__file__)"]
+                         if len(_entry()) == 3 else [sys.executable, "-c", "import mtbench.cli as c; print(c.__file__)"],
+                         capture_output=True, text=True)
+    assert Path(res.stdout.strip()).resolve() == (Path(__file__).parents[1] / "mtbench" / "cli.py").resolve()
+
+
+def test_bare_mtbench_shows_help_and_exits_2():
+    res = mtbench()
+    assert res.returncode == 2
+    assert "Traceback" not in res.stdout + res.stderr
+    out = res.stdout + res.stderr
+    assert "Usage" in out and all(c in out for c in COMMANDS)
+
+
+def test_unknown_command():
+    res = mtbench("nosuch")
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr and "nosuch" in res.stderr and "Usage" in res.stderr
+
+
+COMMANDS = ["list", "run", "table", "params", "references", "pretrain", "attention", "profile", "plot"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_unknown_flag_on_every_command(command):
+    assert command in _commands()
+    res = mtbench(command, "--nosuchflag")
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr and "--nosuchflag" in res.stderr and "Usage" in res.stderr
+
+
+def test_every_command_is_covered():
+    assert sorted(_commands()) == sorted(COMMANDS)
+
+
+@pytest.mark.parametrize("args,bad", [
+    (["run", "--methods", "mtlora", "--epochs", "abc"], "--epochs"),
+    (["run", "--epochs", "3"], "--methods"),
+    (["params", "--dataset"], "--dataset"),
+    (["pretrain", "--epochs", "1.5"], "--epochs"),
+    (["attention", "--n", "many"], "--n"),
+    (["profile", "--methods", "mtlora", "--rounds", "abc"], "--rounds"),
+    (["profile", "--methods", "mtlora", "--batch-size", "x2"], "--batch-size"),
+    (["profile", "--rounds", "3"], "--methods"),
+    (["plot", "--results-dir"], "--results-dir"),
+    (["table", "--kind"], "--kind"),
+])
+def test_bad_value_or_missing_argument(args, bad):
+    """click names the option whose value is bad or missing (typer >= 0.26 no longer repeats the value itself)."""
+    res = mtbench(*args)
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr and bad in res.stderr

@@ -1,0 +1,143 @@
+"""Pareto front, cost figures, the cost table and the papers' reported numbers, from result and profile files."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mtbench.pareto import pareto_front
+
+REFERENCE = Path(__file__).parents[1] / "results" / "reference"
+
+
+def mtbench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mtbench.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_pareto_front_known_points():
+    pts = [(1, 0), (2, 1), (2, 0.5), (3, 1), (0.5, -5), (4, 3), (math.nan, 10), (5, 2)]
+    # (2,0.5) and (3,1) are dominated by (2,1); (5,2) by (4,3); the NaN point is never on the front
+    assert pareto_front(pts) == [4, 0, 1, 5]
+
+
+def test_pareto_front_keeps_equal_points_and_handles_one_point():
+    assert pareto_front([(1, 1), (1, 1), (2, 0)]) == [0, 1]
+    assert pareto_front([(3, -2)]) == [0]
+    assert pareto_front([]) == []
+
+
+@pytest.fixture(scope="module")
+def results_with_profile(tmp_path_factory):
+    """The reference results plus a real profile of lora on the embedded setting (memory filled by hand, since the
+    plot is under test here, not the measurement)."""
+    from mtbench.measure import profile_methods, write_profile
+    from mtbench.results import profile_path
+
+    root = tmp_path_factory.mktemp("res")
+    shutil.copytree(REFERENCE / "synthetic", root / "synthetic")
+    (prof,) = profile_methods(["lora"], "synthetic", batch_size=2, rounds=1, warmup=0, memory=False)
+    prof["memory"] = {"train": {"rss_step_mb": 50.0}, "inference": {"rss_step_mb": 10.0}}
+    write_profile(prof, profile_path(root, "synthetic", "lora", "default", "cpu"))
+    return root
+
+
+def test_plot_writes_the_four_figures(results_with_profile, tmp_path):
+    res = mtbench("plot", "--results-dir", str(results_with_profile), "--out-dir", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    for x in ("tp", "gflops", "memory", "latency"):
+        for ext in ("png", "pdf"):
+            f = tmp_path / f"pareto_synthetic_{x}.{ext}"
+            assert f.is_file() and f.stat().st_size > 1000, f
+
+
+def test_cost_points_join_results_and_profiles(results_with_profile):
+    from mtbench.pareto import cost_points
+
+    pts, device = cost_points(results_with_profile, "synthetic")
+    lora = pts[pts["label"] == "lora"].iloc[0]
+    prof = json.loads((results_with_profile / "synthetic/lora/default/profile_cpu.json").read_text())
+    assert lora["gflops"] == prof["flops"]["inference"]["gflops"] > 0
+    assert lora["memory_mb"] == 50.0 and lora["tp_m"] == pytest.approx(0.559, abs=1e-3)
+    assert math.isnan(pts[pts["label"] == "mtlora"].iloc[0]["gflops"])  # no profile: no cost, never invented
+    assert "cpu" in device
+
+
+def test_cost_table_layout(results_with_profile, tmp_path):
+    res = mtbench("table", "--kind", "cost", "--results-dir", str(results_with_profile), "--out-dir", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    md = (tmp_path / "cost_synthetic.md").read_text()
+    for col in ("#TP (M)", "train memory (MB)", "time per batch (ms)", "GFLOPs", "latency (ms)", "Δm (%)"):
+        assert col in md
+    lora_line = next(line for line in md.splitlines() if line.startswith("| lora"))
+    assert "50.0" in lora_line and "-9.58" in lora_line
+
+
+def test_reported_tables_ship_with_sources():
+    from mtbench.report import load_reported
+
+    df = load_reported()
+    tdss1 = df[(df["paper"] == "TDSS AAAI'26") & (df["table"] == "Table 1")]
+    assert len(tdss1) == 19
+    assert {"Adapter(sha.)", "Adapter(ded.)", "LoRA(sha.)", "LoRA(ded.)", "BitFit(sha.)", "BitFit(ded.)"} <= set(
+        tdss1["row"])
+    t1 = df[(df["paper"] == "TADFormer CVPR'25") & (df["table"] == "Table 1")]
+    assert len(t1) == 19
+    row = t1[t1["row"] == "TADFormer (r = 64)"].iloc[0]
+    assert (row["delta_m"], row["tp_m"], row["normals"]) == (4.24, 7.38, 16.48)
+    t3 = df[(df["paper"] == "TDSS AAAI'26") & (df["table"] == "Table 3")]
+    assert t3.set_index("row").loc["MTLoRA", "memory_gb"] == 18.22
+
+
+def test_table_reported_prints_tdss_and_tadformer_tables(tmp_path):
+    res = mtbench("table", "--reported", "--results-dir", str(tmp_path), "--out-dir", str(tmp_path / "r"))
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "REPORTED: TDSS AAAI'26 Table 1" in out and "REPORTED: TADFormer CVPR'25 Table 1" in out
+    assert "19 rows" in out and "VMT-Adapter" in out and "LoRA(ded.)" in out and "Compactor++" in out
+    assert "no measured rows" in out
+
+
+def test_measured_row_shows_reported_twin_in_its_own_columns(tmp_path):
+    """A PASCAL-Context result of mtlora (r=16) gets MTLoRA Table 1's Δm and #TP beside its own, never in them."""
+    from mtbench.report import add_reported_columns, build_table
+
+    src = json.loads((REFERENCE / "synthetic/mtlora/default/seed0.json").read_text())
+    src["run"]["dataset"] = "pascal_context"
+    dst = tmp_path / "pascal_context/mtlora/default/seed0.json"
+    dst.parent.mkdir(parents=True)
+    dst.write_text(json.dumps(src))
+    tab, _ = build_table(tmp_path, "pascal_context")
+    out = add_reported_columns(tab, tmp_path, "pascal_context")
+    row = out.loc["mtlora"]
+    assert row["Δm reported (%)"] == 1.35 and row["#TP reported (M)"] == 4.95
+    assert row["#TP (M)"] == pytest.approx(src["params"]["trainable"] / 1e6)  # measured column untouched
+    assert "TADFormer CVPR'25 Table 1" in row["reported in"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["profile", "--methods", "nosuch"], "unknown method 'nosuch'"),
+    (["profile", "--methods", "lora", "--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+    (["profile", "--methods", "lora", "--rounds", "0"], "--rounds must be >= 1, got 0"),
+    (["profile", "--methods", "lora", "--device", "tpu"], "unknown device 'tpu'"),
+    (["profile", "--methods", "lora", "--scaling", "width"], "unknown --scaling 'width'"),
+    (["profile", "--methods", "lora:r=0"], "r=0"),
+    (["profile", "--methods", "lora", "--compare-to", "mtl_full"], "--compare-to 'mtl_full' is not among"),
+    (["plot", "--x", "flops"], "unknown --x 'flops'"),
+    (["table", "--kind", "speed"], "unknown --kind 'speed'"),
+])
+def test_new_commands_bad_input_is_one_line_exit_2(args, needle):
+    res = mtbench(*args)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.startswith("error: ") and needle in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_plot_without_results_is_one_line_error(tmp_path):
+    res = mtbench("plot", "--results-dir", str(tmp_path), "--out-dir", str(tmp_path / "o"))
+    assert res.returncode == 2 and res.stderr.startswith("error: no result files")
+    assert not (tmp_path / "o").exists()

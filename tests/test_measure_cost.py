@@ -1,0 +1,169 @@
+"""The cost measurements of mtbench.measure against hand-computed values: FLOPs of a Linear, a window-attention
+block and an HRNet head, synchronised timing, reported skipped operators, and CPU peak memory."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from mtbench import measure
+from mtbench.decoders import HRNetHead
+from mtbench.measure import LatencyStats, count_flops, peak_memory, sdpa_macs, synchronizer, time_once
+
+
+def test_linear_flops_hand_computed():
+    lin = nn.Linear(16, 32)
+    fc = count_flops(lin, torch.randn(4, 16))
+    assert fc.macs == 4 * 16 * 32  # one MAC per input feature per output feature per row; bias not counted
+    assert fc.gflops == pytest.approx(2 * 4 * 16 * 32 / 1e9)
+    assert fc.torch_flops == 2 * 4 * 16 * 32
+    assert fc.mismatch == [] and fc.skipped == {}
+
+
+class _WindowAttnBlock(nn.Module):
+    """qkv -> attention inside windows (mtbench.swin.window_attention, F.scaled_dot_product_attention) -> proj."""
+
+    def __init__(self, dim, heads, window):
+        super().__init__()
+        from timm.models.swin_transformer import WindowAttention
+
+        self.attn = WindowAttention(dim, num_heads=heads, window_size=window)
+
+    def forward(self, windows):
+        from mtbench.swin import window_attention
+
+        return self.attn.proj(window_attention(self.attn, windows, None).values)
+
+
+def test_window_attention_block_flops_include_attention_matmuls():
+    B_, ws, C, heads = 3, 4, 8, 2
+    N = ws * ws
+    block = _WindowAttnBlock(C, heads, (ws, ws))
+    fc = count_flops(block, torch.randn(B_, N, C))
+    qkv = B_ * N * C * 3 * C
+    attn = B_ * heads * N * N * (C // heads) * 2  # Q K^T and softmax(.) V, head dim C/heads
+    proj = B_ * N * C * C
+    assert fc.by_operator["scaled_dot_product_attention"] == attn
+    assert fc.macs == qkv + attn + proj
+    assert fc.torch_flops == 2 * (qkv + attn + proj)  # torch's counter agrees exactly, attention included
+    assert fc.mismatch == []
+
+
+def test_sdpa_macs_with_different_value_width():
+    assert sdpa_macs([2, 3, 5, 4], [2, 3, 7, 4], [2, 3, 7, 6]) == 2 * 3 * 5 * 7 * (4 + 6)
+
+
+def test_hrnet_head_flops_hand_computed():
+    head = HRNetHead((8, 16, 32, 32), out_channels=3, channels=(2, 4, 6, 8), hidden_ratio=2).eval()
+    feats = [torch.randn(1, 8, 8, 8), torch.randn(1, 16, 4, 4), torch.randn(1, 32, 2, 2), torch.randn(1, 32, 2, 2)]
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = head
+
+        def forward(self, a, b, c, d):
+            return self.head([a, b, c, d], (16, 16))
+
+    fc = count_flops(Wrap(), tuple(feats))
+    reducers = 8 * 2 * 64 + 16 * 4 * 16 + 32 * 6 * 4 + 32 * 8 * 4  # 1x1 convs at each tap's resolution
+    fuse = 20 * 40 * 64 + 40 * 3 * 64  # 270->1080 analogue (20->40) and 40->3 on the 8x8 grid
+    assert fc.by_operator["conv"] == reducers + fuse == 62720
+    assert fc.torch_flops == 2 * 62720  # torch counts convolutions only
+    bn = 2 * 40 * 64  # fvcore: eval BatchNorm with affine = 2 per element
+    up = 4 * (2 + 4 + 6 + 8 - 2) * 64 + 4 * 3 * 256  # fvcore: 4 per output element of a bilinear upsample
+    assert fc.by_operator["batch_norm"] == bn and fc.by_operator["upsample_bilinear2d"] == up
+    assert fc.macs == 62720 + bn + up
+    # 2 x MACs and torch differ by more than 2%: the operators responsible are named
+    assert abs(fc.rel_diff) > 0.02
+    assert {m["operator"] for m in fc.mismatch} == {"batch_norm", "upsample_bilinear2d"}
+
+
+def test_skipped_operator_is_reported():
+    model = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Softmax(dim=-1))
+    fc = count_flops(model, torch.randn(2, 8))
+    assert fc.skipped == {"aten::gelu": 1, "aten::softmax": 1}
+    assert fc.macs == 2 * 8 * 8
+
+
+def test_count_flops_restores_mode_and_grad_flags():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)).train()
+    model[0].bias.requires_grad_(False)
+    count_flops(model, torch.randn(1, 4))
+    assert model.training and model[0].weight.requires_grad and not model[0].bias.requires_grad
+
+
+def test_timing_waits_for_the_device():
+    """A fake asynchronous device: work runs in a thread after fn returns; sync waits for it. The measured time
+    includes the work only because time_once synchronises before reading the clock."""
+    pending: list[threading.Thread] = []
+
+    def launch():
+        th = threading.Thread(target=time.sleep, args=(0.08,))
+        th.start()
+        pending.append(th)
+
+    def sync():
+        while pending:
+            pending.pop().join()
+
+    assert time_once(launch, sync) >= 80
+    assert time_once(launch, lambda: None) < 80  # without synchronisation the work would be missed
+    sync()
+
+
+def test_cuda_synchronizer_calls_cuda_synchronize(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    synchronizer(torch.device("cuda", 0))()
+    assert calls == [torch.device("cuda", 0)]
+    synchronizer(torch.device("cpu"))()
+    assert len(calls) == 1
+
+
+def test_latency_stats_percentiles():
+    s = LatencyStats.from_samples([10, 20, 30, 40, 50], items=4)
+    assert (s.median_ms, s.p10_ms, s.p90_ms, s.n) == (30, 14, 46, 5)
+    assert s.items_per_s == pytest.approx(4 * 1000 / 30)
+
+
+def test_ratio_stats_are_per_round():
+    r = measure.ratio_stats([2, 6, 3], [1, 2, 3])
+    assert r == {"min": 1.0, "median": 2.0, "max": 3.0}
+
+
+def test_cpu_peak_memory_sees_a_step_allocation():
+    def step():
+        x = torch.ones(64 * 2 ** 20 // 4)  # 64 MiB, touched
+        x += 1
+        del x
+
+    m = peak_memory(step, torch.device("cpu"))
+    assert 60 <= m["rss_step_mb"] < 200
+    assert "VmHWM" in m["what"]
+
+
+def test_scaled_tasks_repeat_the_dataset_kinds():
+    from mtbench.tasks import resolve_tasks
+
+    base = [t.name for t in resolve_tasks("synthetic")]
+    names = [t.name for t in measure.scaled_tasks("synthetic", 6)]
+    assert names[:len(base)] == base and names[len(base):] == [f"{n}#2" for n in base[:6 - len(base)]]
+    with pytest.raises(Exception, match="must be >= 1"):
+        measure.scaled_tasks("synthetic", 0)
+
+
+def test_decoder_flops_grow_with_the_number_of_tasks():
+    """Each extra task adds one decoder head: the count grows with T, by the same head cost for a repeated kind."""
+    counts = []
+    for n in (1, 5):
+        w = measure.Workload("decoder_only", "synthetic", 1, "cpu", tasks=measure.scaled_tasks("synthetic", n))
+        counts.append(count_flops(w.model, w.image1).macs)
+    w1 = measure.Workload("decoder_only", "synthetic", 1, "cpu", tasks=measure.scaled_tasks("synthetic", 1))
+    head = count_flops(w1.model.decoders["semseg"], ([torch.randn(1, c, s, s) for c, s in
+                                                      zip(w1.model.backbone.feature_dims, (8, 4, 2, 2))], (64, 64)))
+    assert counts[1] - counts[0] >= head.macs > 0
