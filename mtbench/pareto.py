@@ -161,7 +161,12 @@ def plot_cost(points: pd.DataFrame, x: str, dataset: str, device: str, out_dir: 
     ax.set_xlabel(xlabel)
     ax.set_ylabel("Δm (%) vs single-task")
     ax.set_title(f"{dataset}: Δm vs {x} — {device}", fontsize=9)
-    ax.legend(fontsize=7, loc="best")
+    n_entries = len(ax.get_legend_handles_labels()[1])
+    if n_entries > 8:  # many methods: legend outside the axes
+        fig.set_size_inches(11, 6)
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 if n_entries <= 30 else 2)
+    else:
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     out_dir = Path(out_dir)
     paths = []
