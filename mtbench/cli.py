@@ -309,6 +309,10 @@ def table(
             _print_frame(f"{dataset}: test split", shown)
             console.print(f"Δm references: {ref_source}" if ref_source else
                           "Δm: no single-task references yet (mtbench run --methods single_task; mtbench references)")
+            from mtbench.report import NOISE_NOTE, noise_marks
+
+            if noise_marks(tab):
+                console.print(NOISE_NOTE)
             for w in tab.attrs.get("warnings", []):
                 console.print(f"[yellow]warning[/yellow] {escape(w)}")
             for p in write_table(tab, out_dir, dataset, ref_source):

@@ -168,6 +168,17 @@ def any_true(flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every process. DDP broadcasts them at the start of
+    each training forward, so after the last step every process holds statistics updated by its own batch;
+    evaluation and the saved state use rank 0's."""
+    if not is_distributed():
+        return
+    for b in model.buffers():
+        if dist.get_backend() == "nccl" or b.device.type == "cpu":
+            dist.broadcast(b.data, 0)
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

@@ -62,27 +62,67 @@ def build_table(results_dir: str | Path, dataset: str) -> tuple[pd.DataFrame, st
     refs, ref_source = load_references(dataset)
     ref_setting = references_setting(dataset)
     order = {m.name: i for i, m in enumerate(list_methods())}
-    out_rows, warnings = [], []
+    out_rows, warnings, stds = [], [], {}
     for _, g in df.groupby("identity", sort=False):
         label, variant, tasks = g["label"].iloc[0], g["variant"].iloc[0], g["tasks"].iloc[0]
         row = {"Method": label, "_order": (order.get(g["method"].iloc[0], 99), variant)}
         warnings += [(row["_order"], w) for w in row_warnings(label, g, ref_setting)]
-        prim = {}
+        prim, sd = {}, {}
         for t in tasks:
             prim[t] = float(g[f"m:{t}"].mean())
             row[column_title(t)] = prim[t]
+            sd[column_title(t)] = float(g[f"m:{t}"].std(ddof=1)) if len(g) > 1 else float("nan")
         if refs and all(t in refs for t in tasks):
-            row["Δm (%)"] = delta_m(prim, refs, primary_higher_is_better(tasks))
+            higher = primary_higher_is_better(tasks)
+            row["Δm (%)"] = delta_m(prim, refs, higher)  # Δm is linear: Δm of the means = mean of the runs' Δm
+            per_run = pd.Series([delta_m({t: float(r[f"m:{t}"]) for t in tasks}, refs, higher)
+                                 for _, r in g.iterrows()])
+            sd["Δm (%)"] = float(per_run.std(ddof=1)) if len(g) > 1 else float("nan")
         else:
             row["Δm (%)"] = float("nan")
+            sd["Δm (%)"] = float("nan")
         row["#TP (M)"] = float(g["tp"].mean()) / 1e6
         row["seeds"] = len(g)
+        stds[label] = sd
         out_rows.append(row)
     table = pd.DataFrame(out_rows).sort_values("_order").drop(columns="_order").set_index("Method")
     cols = [column_title(t) for t in task_order if column_title(t) in table.columns]
     table = table[cols + ["Δm (%)", "#TP (M)", "seeds"]]
     table.attrs["warnings"] = [w for _, w in sorted(warnings, key=lambda x: x[0])]
+    table.attrs["std"] = stds
     return table, ref_source
+
+
+def within_noise(mean_a: float, std_a: float, mean_b: float, std_b: float) -> bool:
+    """True when the intervals mean ± std of two rows overlap (a difference the seeds cannot resolve).
+
+    Rows with fewer than two seeds have no interval (NaN std) and are never within noise.
+    """
+    if any(pd.isna(x) for x in (mean_a, std_a, mean_b, std_b)):
+        return False
+    return abs(mean_a - mean_b) <= std_a + std_b
+
+
+def noise_marks(table: pd.DataFrame) -> dict[tuple[str, str], bool]:
+    """``{(row label, column): True}`` for every cell within noise of its column's best row (better by mean:
+    higher, or lower for ↓ columns); the best row itself is not marked. Uses ``table.attrs["std"]``."""
+    stds = table.attrs.get("std", {})
+    marks = {}
+    for c in table.columns:
+        if c in ("#TP (M)", "seeds"):
+            continue
+        col = table[c].dropna()
+        if col.empty:
+            continue
+        best = col.idxmin() if c.endswith("↓)") else col.idxmax()
+        for label, v in col.items():
+            if label != best and within_noise(v, stds.get(label, {}).get(c, float("nan")), col[best],
+                                              stds.get(best, {}).get(c, float("nan"))):
+                marks[(label, c)] = True
+    return marks
+
+
+NOISE_NOTE = "≈: within noise of the column's best row (their mean ± std intervals over seeds overlap)."
 
 
 def references_setting(dataset: str) -> dict | None:
@@ -124,10 +164,28 @@ def _short(v) -> str:
 
 
 def format_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Round as the papers print: metrics and Δm to 2 decimals (Δm signed), #TP to 2 decimals (3 below 1M)."""
+    """Round as the papers print: metrics and Δm to 2 decimals (Δm signed), #TP to 2 decimals (3 below 1M).
+
+    A row of several seeds shows ``mean ± std`` (sample standard deviation over its seeds), and ``≈`` after a cell
+    within noise of its column's best row (:func:`noise_marks`, :data:`NOISE_NOTE`).
+    """
     out = table.copy().astype(object)
+    stds = table.attrs.get("std", {})
+    marks = noise_marks(table)
+
+    def cell(label, c, v, fmt):
+        if pd.isna(v):
+            return "—"
+        text = format(v, fmt)
+        sd = stds.get(label, {}).get(c, float("nan"))
+        if not pd.isna(sd):
+            text += f" ± {sd:.2f}"
+        return text + (" ≈" if marks.get((label, c)) else "")
+
     for c in table.columns:
-        if c in ("Δm (%)", "Δm reported (%)"):
+        if c == "Δm (%)":
+            out[c] = [cell(label, c, v, "+.2f") for label, v in table[c].items()]
+        elif c == "Δm reported (%)":
             out[c] = [("—" if pd.isna(v) else f"{v:+.2f}") for v in table[c]]
         elif c in ("#TP (M)", "#TP reported (M)"):
             out[c] = [("—" if pd.isna(v) else f"{v:.2f}" if v >= 1 else f"{v:.3f}") for v in table[c]]
@@ -136,7 +194,7 @@ def format_table(table: pd.DataFrame) -> pd.DataFrame:
         elif c == "seeds":
             out[c] = [str(int(v)) for v in table[c]]
         else:
-            out[c] = [("—" if pd.isna(v) else f"{v:.2f}") for v in table[c]]
+            out[c] = [cell(label, c, v, ".2f") for label, v in table[c].items()]
     return out
 
 
@@ -148,6 +206,8 @@ def write_table(table: pd.DataFrame, out_dir: str | Path, dataset: str, ref_sour
     shown = format_table(table)
     note = (f"Δm against single-task references: {ref_source}." if ref_source else
             "Δm: no single-task references for this dataset yet.")
+    if noise_marks(table):
+        note += " " + NOISE_NOTE
     md = shown.to_markdown(disable_numparse=True, colalign=["left"] + ["right"] * len(shown.columns)) + "\n\n" \
         + note + "\n"
     tex = shown.to_latex(escape=True, column_format="l" + "r" * len(shown.columns))

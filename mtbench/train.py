@@ -455,6 +455,7 @@ def fit(
             st["batch"] = steps_per_epoch
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             check_stop("before validation")
+            distributed.broadcast_buffers(model)
             val_metrics, val_loss = evaluate(net if world == 1 else model, val_loader, tasks, device, cfg.amp)
             score, st["selection"] = _selection_score(val_metrics, val_loss, tasks, references)
             row = {"epoch": epoch, "train_loss": st["running"] / max(st["seen"], 1), "val_loss": val_loss,

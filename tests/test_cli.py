@@ -78,6 +78,17 @@ def test_end_to_end_tiny_run_then_table(tmp_path):
     metrics, _ = evaluate(model, make_loader(test, 32, False, 0, 0), resolve_tasks("synthetic"), torch.device("cpu"))
     for task, value in result.primary.items():
         assert metrics[task][{"normals": "mErr"}.get(task, "mIoU")] == pytest.approx(value, abs=1e-4)
+    # mtbench eval recomputes the stored test metrics from the saved state; a missing state is one clear line
+    ev = mtbench("eval", "--result", str(results_of["tadformer"]))
+    assert ev.returncode == 0 and "reproduced" in ev.stdout, ev.stdout + ev.stderr
+    moved = tmp_path / "elsewhere" / "seed0.json"
+    moved.parent.mkdir()
+    moved.write_text(results_of["mtlora"].read_text())
+    ev = mtbench("eval", "--result", str(moved))
+    assert ev.returncode == 2 and ev.stderr.startswith("error: no trained state beside") and \
+        len(ev.stderr.strip().splitlines()) == 1
+    ev = mtbench("eval", "--result", str(moved), "--state", str(results_of["mtlora"].with_suffix(".safetensors")))
+    assert ev.returncode == 0 and "reproduced" in ev.stdout, ev.stdout + ev.stderr
     fig = mtbench("attention", "--result", str(results_of["tadformer"]), "--n", "2",
                   "--out", str(tmp_path / "att.png"))
     assert fig.returncode == 0, fig.stderr
