@@ -97,17 +97,23 @@ class PlannedRun:
 
 
 def git_info() -> tuple[str | None, bool | None]:
-    """``(commit, dirty)`` of the source tree mtbench runs from, or ``(None, None)`` outside git."""
+    """``(commit, dirty)`` of the source tree mtbench runs from, or ``(None, None)`` outside git.
+
+    A copy of a checkout without its ``.git`` (a remote machine, a container) can state them in
+    ``$MTBENCH_GIT_COMMIT`` and ``$MTBENCH_GIT_DIRTY`` (``0``/``1``); they are used only when git cannot tell.
+    """
     root = Path(__file__).resolve().parent.parent
+    env_commit = os.environ.get("MTBENCH_GIT_COMMIT") or None
+    env_dirty = None if "MTBENCH_GIT_DIRTY" not in os.environ else os.environ["MTBENCH_GIT_DIRTY"] not in ("", "0")
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         if commit.returncode != 0:
-            return None, None
+            return env_commit, env_dirty if env_commit else None
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, timeout=10)
         return commit.stdout.strip(), bool(dirty.stdout.strip())
     except (OSError, subprocess.SubprocessError):
-        return None, None
+        return env_commit, env_dirty if env_commit else None
 
 
 def environment(device: torch.device) -> dict:
