@@ -369,12 +369,12 @@ class TADFormer(MultiTaskModel):
                     x, prompts = prompted_block(block, x, prompts, prompt_residual=residual)
             final = i == bb.num_stages - 1
             x, prompts, streams = self.task_block(i, blocks[-1], x, prompts, update_prompts=not final)
-            shared_tap = bb.merge(i, x)
+            shared_tap = bb.tap(i, x)
             if streams is None:
                 for t in self.task_names:
                     feats[t].append(shared_tap)
             else:
-                taps = bb.merge(i, streams).chunk(streams.shape[0] // B)
+                taps = bb.tap(i, streams).chunk(streams.shape[0] // B)
                 for j, t in enumerate(self.task_names):
                     feats[t].append(taps[j if len(taps) > 1 else 0])
             if not final:

@@ -93,6 +93,8 @@ def run(
     existing: str = typer.Option("skip", help="if the result file exists: skip | error | overwrite"),
     max_train_batches: int = typer.Option(0, help="cap batches per epoch (0 = all; smoke tests)"),
     train_size: Optional[int] = typer.Option(None, help="use only the first N training images (synthetic)"),
+    decoder: Optional[str] = typer.Option(None, help="decoder (mtbench.decoders): mtlora_hrnet | hrnet_270; default "
+                                          "per backbone (Swin-T: mtlora_hrnet, embedded: hrnet_270)"),
 ) -> None:
     """Train, select on validation, evaluate on test, and write one result file per method."""
     from mtbench.runner import RunRequest, build_datasets, default_command, plan, resolve_device, run_one, set_threads
@@ -100,7 +102,8 @@ def run(
     req = RunRequest(methods=methods, dataset=dataset, tasks=[t.strip() for t in tasks.split(",")] if tasks else None,
                      seed=seed, device=device, epochs=epochs, batch_size=batch_size, lr=lr,
                      max_train_batches=max_train_batches, data_root=data_root, weights=weights, init=init,
-                     results_dir=results_dir, existing=existing, train_size=train_size, command=default_command())
+                     results_dir=results_dir, existing=existing, train_size=train_size, command=default_command(),
+                     decoder=decoder)
     task_specs, runs, recipe = plan(req)
     dev = resolve_device(device)
     set_threads()
@@ -155,6 +158,7 @@ def table(
 def params(
     dataset: str = typer.Option("pascal_context", help="task set of this dataset's setting"),
     methods: Optional[str] = typer.Option(None, "--methods", "-m", help="only these methods (comma-separated)"),
+    decoder: Optional[str] = typer.Option(None, help="decoder (default: the backbone's)"),
 ) -> None:
     """Build every method in the papers' setting (no data, no weights) and print #TP next to the papers'."""
     from mtbench.config import MethodSpec
@@ -164,9 +168,13 @@ def params(
     from mtbench.swin import create_backbone
     from mtbench.tasks import resolve_tasks
 
+    from mtbench.decoders import resolve_decoder
+
     task_specs = resolve_tasks(dataset)
+    decoder = resolve_decoder(decoder, DATASET_BACKBONE[dataset]).name
     wanted = None if methods is None else {resolve(m.strip())[0].name for m in methods.split(",") if m.strip()}
-    t = Table(title=f"#TP, {DATASET_BACKBONE[dataset]} setting, tasks: {', '.join(x.name for x in task_specs)}",
+    t = Table(title=f"#TP, {DATASET_BACKBONE[dataset]} setting, decoder {decoder}, tasks: "
+                    f"{', '.join(x.name for x in task_specs)}",
               title_justify="left")
     for c in ("method", "options", "#TP", "backbone unfrozen", "method modules", "decoders", "paper (M)", "source / note"):
         t.add_column(c, justify="right" if c in ("#TP", "method modules", "decoders", "paper (M)") else "left")
@@ -181,7 +189,7 @@ def params(
             opts = {} if pc is None else {k: str(v).lower() if isinstance(v, bool) else str(v)
                                           for k, v in pc.options.items()}
             rm = resolve_spec(MethodSpec(info.name, opts))
-            model = build_model(rm, create_backbone(DATASET_BACKBONE[dataset]), task_specs)
+            model = build_model(rm, create_backbone(DATASET_BACKBONE[dataset]), task_specs, decoder=decoder)
             pb = count_params(model)
             unfrozen = ", ".join(f"{k} {v:,}" for k, v in pb.backbone_unfrozen.items()) or "-"
             paper = "-" if pc is None or pc.millions is None else f"{pc.millions:.2f}"

@@ -1,15 +1,20 @@
 """Low-rank adaptation layers shared by every LoRA-based method (LoRA, MTLoRA, TADFormer, ...).
 
-A :class:`LoRALinear` wraps a frozen ``nn.Linear`` ``W`` and adds a shared low-rank branch and, optionally, one
-low-rank branch per task:
+A :class:`LoRALinear` wraps a frozen ``nn.Linear`` ``W`` and adds a shared low-rank branch and, optionally, task
+branches, applied per stream of the stacked batch (:mod:`mtbench.streams`):
 
-* shared (task-agnostic, TA-LoRA / TS-module):  ``y = W x + b + s · B A dropout(x)``
-* task ``t`` (task-specific, TS-LoRA):           ``y_t = W x_shared + b + s_t · B_t A_t dropout(x_t)``
+* shared stream (MTLoRA's task-agnostic TA-LoRA, TADFormer's TS-module):  ``y = W x + b + s · B A dropout(x)``
+* task stream ``t``, ``task_mode="own"`` (MTLoRA's task-specific TS-LoRA): ``y_t = W x_shared + b + s_t · B_t A_t x_t``
+* task stream ``t``, ``task_mode="shared_ab"`` (TADFormer's TA-module): ``y_t = W x_shared + b + s · B mid_t(A x_t)``
+
+``W`` acts on the *shared* stream's input when the layout has one (MTLoRA's "matrix" mode, official
+``scale-lab/MTLoRA models/lora.py::MTLoRALinear``), else on each stream's own input. The task branches' inputs get no
+dropout (official MTLoRA: dropout only on the shared branch's input); at a ``proj`` split
+(:meth:`LoRALinear.split_forward`) the task inputs are derived from the shared branch's dropped-out input, so one
+mask serves both, as in the official MTLoRA and TADFormer code.
 
 ``s`` is a raw multiplier (MTLoRA's ``SHARED_SCALE``), not ``alpha / r``; A is initialised kaiming-uniform
-(a=√5), B zero, so every branch starts as the identity adaptation (Hu et al., ICLR 2022 §4.1; MTLoRA official
-``scale-lab/MTLoRA models/lora.py::MTLoRALinear``). Naming of the two MTLoRA kinds follows the MTLoRA paper §3.2:
-TA-LoRA = task-agnostic, TS-LoRA = task-specific.
+(a=√5), B zero, so every branch starts as the identity adaptation (Hu et al., ICLR 2022 §4.1).
 
 :func:`inject_lora` replaces linears in a module tree by structure (module class and attribute name, as peft's
 ``target_modules`` suffix match), never by substring on parameter names.
@@ -24,6 +29,7 @@ import torch
 from torch import nn
 
 from mtbench.errors import MtbenchError
+from mtbench.streams import SHARED, StreamLayout, current_layout, per_stream, split_streams, stream_layout
 
 
 class LoRADropout(nn.Module):
@@ -56,17 +62,24 @@ class LoRADropout(nn.Module):
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer with a shared LoRA branch and optional per-task LoRA branches.
+    """A frozen linear layer with a shared LoRA branch and optional task branches, applied per stream.
 
     Args:
         base: the pretrained ``nn.Linear`` (kept as ``self.base``; its parameters stay where the backbone had them).
         r: rank of the shared branch (0 disables it).
         scale: raw multiplier ``s`` of the shared branch.
-        dropout: dropout probability on the LoRA input.
-        task_ranks: ``{task: rank}`` of task-specific branches (TS-LoRA), or None.
+        dropout: dropout probability on the shared branch's input.
+        task_ranks: ``{task: rank}`` of task-specific branches (``task_mode="own"``), or None.
         task_scale: multiplier of the task branches (MTLoRA uses the shared scale for them).
 
-    Shapes: input ``[..., in_features]``, output ``[..., out_features]``.
+    Attributes:
+        task_mode: ``"none"`` (task streams get the shared formula) | ``"own"`` (per-task ``A_t, B_t``) |
+            ``"shared_ab"`` (the shared ``A, B`` with ``task_mid`` between them).
+        task_mid: callable ``[T*M, ..., r] -> [T*M, ..., r]`` on the task streams' down-projections (run under the
+            tasks-only :class:`mtbench.streams.StreamLayout`); not registered as a submodule, the method owns it.
+
+    Shapes: input ``[S*M, ..., in_features]`` stacked per :func:`mtbench.streams.current_layout`, output
+    ``[S*M, ..., out_features]``.
 
     Raises:
         MtbenchError: a negative rank.
@@ -102,6 +115,8 @@ class LoRALinear(nn.Module):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             self.task_A[task] = a
             self.task_B[task] = nn.Parameter(torch.zeros(self.out_features, int(rt)))
+        self.task_mode = "own" if task_ranks else "none"
+        self.__dict__["task_mid"] = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -114,6 +129,12 @@ class LoRALinear(nn.Module):
     @property
     def tasks(self) -> list[str]:
         return list(self.task_A.keys())
+
+    def set_task_mid(self, mid) -> None:
+        """Task streams use the shared ``A, B`` with ``mid`` between them (TADFormer's TA-module); ``mid`` None
+        = nothing between them."""
+        self.task_mode = "shared_ab"
+        self.__dict__["task_mid"] = mid
 
     def lora_parameters(self) -> list[nn.Parameter]:
         """The parameters this wrapper adds (shared and task branches), not the base layer's."""
@@ -135,18 +156,71 @@ class LoRALinear(nn.Module):
         return self.up(self.down(x))
 
     def task_delta(self, x: torch.Tensor, task: str) -> torch.Tensor:
-        """Task-specific update ``s_t · B_t A_t dropout(x)`` (TS-LoRA)."""
-        return (self.lora_dropout(x) @ self.task_A[task].t() @ self.task_B[task].t()) * self.task_scale
+        """Task ``task``'s update ``s_t · B_t A_t x`` (``task_mode="own"``; no dropout, as the official code)."""
+        return (x @ self.task_A[task].t() @ self.task_B[task].t()) * self.task_scale
+
+    def task_deltas(self, x: torch.Tensor, tasks: tuple[str, ...]) -> torch.Tensor:
+        """Updates of the task streams ``x`` ``[T*M, ..., in]`` (tasks stacked in ``tasks`` order)."""
+        layout = StreamLayout(tasks, 0)
+        if self.task_mode == "own":
+            return per_stream(x, lambda t, part: self.task_delta(part, t), layout)
+        z = x @ self.lora_A.t()
+        if self.task_mid is not None:
+            with stream_layout(layout):
+                z = self.task_mid(z)
+        return self.up(z)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Shared output ``W x + b + s · B A dropout(x)``."""
-        out = self.base(x)
+        """``W x + b + s · B A dropout(x)`` on a single stream; per stream (class docstring) on stacked streams."""
+        layout = current_layout()
+        if layout is None or layout.size == 1 or self.task_mode == "none":
+            out = self.base(x)
+            if self.r > 0:
+                out = out + self.delta(x)
+            return out
+        S = layout.size
+        xs = split_streams(x, S)
+        if layout.has_shared:
+            if layout.names[0] != SHARED:
+                raise MtbenchError(f"the shared stream must come first, got {layout.names}")
+            base = self.base(xs[0])
+            delta = torch.cat([self.delta(xs[0]), self.task_deltas(x[xs.shape[1]:], layout.tasks)])
+            return (split_streams(delta, S) + base).view(*x.shape[:-1], self.out_features)
+        return self.base(x) + self.task_deltas(x, layout.tasks)
+
+    def split_forward(self, x: torch.Tensor, skip_rows: int, make_task_inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer at a split point: shared stream and task streams from one shared input (MTLoRA and TADFormer
+        ``proj`` in the last block of each stage).
+
+        One dropout mask: the task inputs are ``make_task_inputs(dropout(x)[:, skip_rows:])`` (official MTLoRA
+        ``models/lora.py``, official TADFormer ``models/lora.py``: the TPC reads the dropped-out input).
+
+        Args:
+            x: shared input ``[M, L, in]``.
+            skip_rows: leading rows of dim 1 (prompt tokens) that only the shared stream keeps.
+            make_task_inputs: ``[M, L - skip_rows, in] -> [T*M, L - skip_rows, in]``.
+
+        Returns:
+            ``(shared output [M, L, out], task outputs [T*M, L - skip_rows, out])``.
+        """
+        layout = current_layout()
+        base = self.base(x)
         if self.r > 0:
-            out = out + self.delta(x)
-        return out
+            d = self.lora_dropout(x)
+            shared = base + self.up(d @ self.lora_A.t())
+        else:
+            d, shared = x, base
+        task_in = make_task_inputs(d[:, skip_rows:])
+        if self.task_mode == "none":
+            task = self.base(task_in) + (self.up(task_in @ self.lora_A.t()) if self.r > 0 else 0)
+            return shared, task
+        delta = self.task_deltas(task_in, layout.tasks)
+        T = len(layout.tasks)
+        return shared, (split_streams(delta, T) + base[:, skip_rows:]).view(delta.shape)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale}, tasks={self.tasks}"
+        return (f"in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale}, "
+                f"task_mode={self.task_mode}, tasks={self.tasks}")
 
 
 def inject_lora(

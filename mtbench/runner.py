@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from mtbench.config import parse_method_specs
+from mtbench.decoders import resolve_decoder
 from mtbench.errors import MtbenchError
 from mtbench.measure import count_params
 from mtbench.metrics import delta_m, primary_higher_is_better, primary_metrics
@@ -54,6 +55,7 @@ class RunRequest:
     existing: str = "skip"
     train_size: int | None = None
     command: str | None = None
+    decoder: str | None = None
 
 
 @dataclass
@@ -107,6 +109,8 @@ def plan(req: RunRequest) -> tuple[list[TaskSpec], list[PlannedRun], TrainConfig
     if req.data_root is not None and not Path(req.data_root).is_dir():
         raise MtbenchError(f"data root not found: {req.data_root!r}")
     tasks = resolve_tasks(req.dataset, req.tasks)
+    decoder = resolve_decoder(req.decoder, DATASET_BACKBONE[req.dataset]).name
+    default_decoder = resolve_decoder(None, DATASET_BACKBONE[req.dataset]).name
     recipe = RECIPES[req.dataset]
     overrides = {k: v for k, v in (("epochs", req.epochs), ("batch_size", req.batch_size), ("lr", req.lr))
                  if v is not None}
@@ -120,6 +124,8 @@ def plan(req: RunRequest) -> tuple[list[TaskSpec], list[PlannedRun], TrainConfig
             variant += "_init=random"
         if req.tasks:
             variant += "_tasks=" + "+".join(t.name for t in tasks)
+        if decoder != default_decoder:
+            variant += f"_decoder={decoder}"
         path = result_path(req.results_dir, req.dataset, rm.name, variant, req.seed)
         if path.exists() and req.existing == "error":
             raise MtbenchError(f"result exists: {path}; pass --existing skip or --existing overwrite")
@@ -151,7 +157,7 @@ def run_one(req: RunRequest, tasks: list[TaskSpec], planned: PlannedRun, recipe:
     backbone_name = DATASET_BACKBONE[req.dataset]
     init = req.weights or req.init
     backbone = create_backbone(backbone_name, pretrained=(req.init == "pretrained"), weights=req.weights)
-    model = build_model(planned.method, backbone, tasks)
+    model = build_model(planned.method, backbone, tasks, decoder=req.decoder)
     params = count_params(model)
     references, ref_source = load_references(req.dataset)
     train_set, val_set, test_set = datasets
@@ -173,7 +179,8 @@ def run_one(req: RunRequest, tasks: list[TaskSpec], planned: PlannedRun, recipe:
                     label=rm.label + (" [random init]" if req.init == "random" else ""), options=rm.config.to_dict(),
                     dataset=req.dataset, tasks=[t.name for t in tasks], seed=req.seed, backbone=backbone_name,
                     init=str(init), created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                    git_commit=commit, git_dirty=dirty, command=req.command),
+                    git_commit=commit, git_dirty=dirty, command=req.command, decoder=model.decoder_name,
+                    aux_loss_weights=dict(model.aux_loss_weights)),
         train=TrainInfo(recipe=recipe_dict(recipe), best_epoch=fitted.best_epoch, selection=fitted.selection,
                         history=fitted.history, train_time_s=round(fitted.train_time_s, 2),
                         images_per_s=round(fitted.images_per_s, 2), device=str(device)),
@@ -235,7 +242,7 @@ def load_trained(result_file: str | Path):
     init = result.run.init
     backbone = create_backbone(result.run.backbone, pretrained=(init == "pretrained"),
                                weights=None if init in ("pretrained", "random") else init)
-    model = build_model(rm, backbone, resolve_tasks(result.run.dataset, result.run.tasks))
+    model = build_model(rm, backbone, resolve_tasks(result.run.dataset, result.run.tasks), decoder=result.run.decoder)
     state = load_file(str(ckpt))
     missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in state]
     if missing:

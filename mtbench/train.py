@@ -226,8 +226,11 @@ def fit(
                 group["lr"] = lr_at(step)
             batch = move_batch(batch, device)
             with torch.autocast(device.type, enabled=use_amp):
-                preds = model(batch["image"])
+                preds, aux = model(batch["image"], return_aux=True)
             loss, _ = criterion({k: v.float() for k, v in preds.items()}, batch)
+            if aux:  # auxiliary losses of the encoder hooks / interaction stage, weights recorded in the result
+                weights = getattr(model, "aux_loss_weights", {})
+                loss = loss + sum(weights.get(k, 1.0) * v.float() for k, v in aux.items())
             if not torch.isfinite(loss.detach()):
                 raise MtbenchError(f"training diverged: loss is {float(loss.detach())} at epoch {epoch}, step {step}; "
                                    "lower the learning rate (--lr)")

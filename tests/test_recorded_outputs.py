@@ -3,6 +3,10 @@
 ``tests/fixtures/recorded_outputs.safetensors`` was written by ``tests/fixtures/record_outputs.py`` on the pre-seams
 code (commit e0dfd78): fixed weights (a function of each parameter's name), one fixed 64x64 image, three tasks,
 ``swin_embedded`` with its packaged weights. :func:`old_name` maps today's parameter names to the recorded ones.
+
+Tolerance: 1e-6 relative to the largest recorded magnitude of each tensor (at least 1e-6 absolute). Streams stacked on
+the batch dimension go through one PatchMerging/GEMM call instead of one per task, which changes float32 rounding in
+the last bits (measured: at most 6e-7 of the tensor's scale, i.e. a few ulp); anything structural is orders larger.
 """
 
 from __future__ import annotations
@@ -38,4 +42,5 @@ def test_recorded_eval_outputs(spec):
     for k, v in out.items():
         ref = RECORDED[f"{spec}|{k}"]
         assert v.shape == ref.shape, k
-        assert (v - ref).abs().max().item() <= 1e-6, (k, (v - ref).abs().max().item())
+        tol = 1e-6 * max(1.0, ref.abs().max().item())
+        assert (v - ref).abs().max().item() <= tol, (k, (v - ref).abs().max().item(), tol)
