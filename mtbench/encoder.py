@@ -154,8 +154,9 @@ class BlockExtension(nn.Module):
     ``split`` hook (windows).
     """
 
-    #: set True to get ``ctx.attention.prompt_logits/prompt_probs`` (costs an explicit softmax).
-    wants_prompt_maps: bool = False
+    def wants_prompt_maps(self, ctx: BlockContext) -> bool:
+        """True to get ``ctx.attention.prompt_logits/prompt_probs`` (costs an explicit softmax)."""
+        return False
 
     def pre_block(self, ctx: BlockContext, x: torch.Tensor) -> torch.Tensor:
         """Block input ``x`` (before ``norm1``); may also replace ``ctx.prompts`` (deep prompts)."""
@@ -231,7 +232,7 @@ def run_block(block: nn.Module, x: torch.Tensor, ctx: BlockContext, extensions: 
         if prompts.shape[0] != x.shape[0]:  # prompts of the shared stream shown to every stream
             prompts = repeat_streams(prompts, x.shape[0] // prompts.shape[0])
         p_in = block.norm1(prompts)
-    want_maps = any(e.wants_prompt_maps for e in extensions) and P > 0
+    want_maps = P > 0 and any(e.wants_prompt_maps(ctx) for e in extensions)
     att = window_attention(block.attn, windows, block.attn_mask, p_in, return_prompt_maps=want_maps)
     ctx.attention = att
     attn = block.attn
@@ -332,8 +333,16 @@ def encode(model: nn.Module, images: torch.Tensor) -> tuple[dict[str, list[torch
             with stream_layout(layout):
                 x, prompts = run_block(block, x, ctx, exts, split)
             layout = ctx.layout
-        with stream_layout(layout):
-            tap = bb.tap(i, x)
+        if layout.has_shared and layout.size > 1:  # shared rows apart: the next stage's input does not depend on T
+            xs = split_streams(x, layout.size)
+            with stream_layout(StreamLayout((SHARED,), B)):
+                shared_tap = bb.tap(i, xs[0])
+            with stream_layout(StreamLayout(layout.tasks, B)):
+                task_tap = bb.tap(i, x[B:])
+            tap = torch.cat([shared_tap, task_tap])
+        else:
+            with stream_layout(layout):
+                tap = bb.tap(i, x)
         taps = split_streams(tap, layout.size)
         for t in tasks:
             feats[t].append(taps[layout.index(t) if t in layout.names else layout.index(SHARED)])

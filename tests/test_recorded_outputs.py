@@ -32,9 +32,13 @@ def old_name(name: str) -> str:
     return name
 
 
+#: Specs whose meaning changed on purpose since the recording, built as they were recorded.
+AS_RECORDED = {"tadformer_official": "tadformer_official:skip_layout=correct"}  # issue 6: released skip layout
+
+
 @pytest.mark.parametrize("spec", rec.SPECS)
 def test_recorded_eval_outputs(spec):
-    model = rec.build(spec)
+    model = rec.build(AS_RECORDED.get(spec, spec))
     filled = rec.fill_weights(model, old_name)
     assert filled == NAMES[spec]  # the same parameters, under the same (mapped) names
     out = rec.outputs(model)
