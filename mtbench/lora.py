@@ -36,8 +36,10 @@ class LoRADropout(nn.Module):
     """Inverted dropout on LoRA inputs with probability ``p`` (Hu et al. 2022; MTLoRA ``lora_dropout`` 0.05).
 
     On CUDA this is ``F.dropout``. On CPU, where ``bernoulli_`` draws one random number per element and took a third
-    of a training step, the keep-mask is drawn 8 bits per element from a single ``torch.randint`` call, so the drop
-    probability is ``round(256 p) / 256`` (0.05 -> 13/256 = 0.0508); kept values are scaled by ``1 / (1 - p_eff)``.
+    of a training step, the keep-mask is drawn as 32-bit integers from one ``torch.randint`` call (two per 64-bit
+    word) and compared with a threshold: the drop probability is ``round(2^32 p) / 2^32`` (exact to 2.4e-10; issue 6
+    replaced the 8-bit draw whose ``p`` was ``13/256`` for 0.05). The mask stays boolean (no float copy); kept
+    values are scaled by ``1 / (1 - p)``.
 
     Shapes: any; output shape = input shape.
     """
@@ -45,17 +47,20 @@ class LoRADropout(nn.Module):
     def __init__(self, p: float):
         super().__init__()
         self.p = float(p)
-        self.threshold = int(round(256 * self.p))
+        self.threshold = int(round(self.p * 2**32)) - 2**31  # keep where the signed 32-bit draw >= threshold
+
+    def keep_mask(self, shape: tuple[int, ...], device) -> torch.Tensor:
+        """Boolean keep-mask of ``shape`` with ``P(keep) = 1 - p`` (CPU path)."""
+        n = math.prod(shape)
+        words = torch.randint(-(2**63), 2**63 - 1, ((n + 1) // 2,), dtype=torch.int64, device=device)
+        return words.view(torch.int32)[:n].view(shape) >= self.threshold
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        if x.is_cuda or self.threshold in (0, 256):
+        if x.is_cuda or self.p >= 1:
             return nn.functional.dropout(x, self.p, True)
-        n = x.numel()
-        words = torch.randint(-(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=x.device)
-        keep = words.view(torch.uint8)[:n].view(x.shape) >= self.threshold
-        return x * keep * (256.0 / (256 - self.threshold))
+        return torch.where(self.keep_mask(tuple(x.shape), x.device), x, 0.0).mul_(1.0 / (1.0 - self.p))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
