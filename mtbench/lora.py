@@ -23,7 +23,8 @@ mask serves both, as in the official MTLoRA and TADFormer code.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -122,6 +123,7 @@ class LoRALinear(nn.Module):
             self.task_B[task] = nn.Parameter(torch.zeros(self.out_features, int(rt)))
         self.task_mode = "own" if task_ranks else "none"
         self.__dict__["task_mid"] = None
+        self.__dict__["_unmerged_weight"] = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -175,8 +177,40 @@ class LoRALinear(nn.Module):
                 z = self.task_mid(z)
         return self.up(z)
 
+    @property
+    def merged(self) -> bool:
+        return self._unmerged_weight is not None
+
+    @torch.no_grad()
+    def merge(self) -> bool:
+        """Fold the shared branch into the frozen weight, ``W <- W + s B A``, for inference (eval mode only).
+
+        Only layers whose task streams do not use the shared weight differently (``task_mode="none"``) are merged:
+        in MTLoRA's "matrix" mode a task stream adds no shared LoRA term. Returns whether the layer was merged.
+        """
+        if self.merged or self.r == 0 or self.task_mode != "none":
+            return False
+        self.__dict__["_unmerged_weight"] = self.base.weight.detach().clone()
+        self.base.weight.add_((self.lora_B @ self.lora_A) * self.scale)
+        return True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the frozen weight bit-exactly (the pre-merge copy)."""
+        if self.merged:
+            self.base.weight.copy_(self._unmerged_weight)
+            self.__dict__["_unmerged_weight"] = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``W x + b + s · B A dropout(x)`` on a single stream; per stream (class docstring) on stacked streams."""
+        """``W x + b + s · B A dropout(x)`` on a single stream; per stream (class docstring) on stacked streams.
+
+        Raises:
+            MtbenchError: a merged layer in training mode (its LoRA would get no gradient).
+        """
+        if self.merged:
+            if self.training:
+                raise MtbenchError("a merged LoRA layer cannot train; call unmerge() first")
+            return self.base(x)
         layout = current_layout()
         if layout is None or layout.size == 1 or self.task_mode == "none":
             out = self.base(x)
@@ -226,6 +260,19 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale}, "
                 f"task_mode={self.task_mode}, tasks={self.tasks}")
+
+
+@contextmanager
+def merged_lora(model: nn.Module) -> Iterator[int]:
+    """Merge every :class:`LoRALinear` of ``model`` for the ``with`` block (evaluation and inference timing), then
+    restore the frozen weights exactly. Yields the number of merged layers."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    n = sum(layer.merge() for layer in layers)
+    try:
+        yield n
+    finally:
+        for layer in layers:
+            layer.unmerge()
 
 
 def inject_lora(

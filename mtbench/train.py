@@ -127,19 +127,22 @@ def evaluate(model: nn.Module, loader: DataLoader, tasks: list[TaskSpec], device
     Returns:
         ``({task: {metric: value}}, mean weighted loss per batch)``.
     """
+    from mtbench.lora import merged_lora
+
     model.eval()
     metrics = MultiTaskMetrics(tasks)
     criterion = MultiTaskLoss(tasks)
     total, batches = 0.0, 0
-    for batch in loader:
-        batch = move_batch(batch, device)
-        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
-            preds = model(batch["image"])
-        preds = {k: v.float() for k, v in preds.items()}
-        loss, _ = criterion(preds, batch)
-        total += float(loss)
-        batches += 1
-        metrics.update(preds, batch)
+    with merged_lora(model):  # shared LoRA folded into the frozen weights; restored exactly afterwards
+        for batch in loader:
+            batch = move_batch(batch, device)
+            with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+                preds = model(batch["image"])
+            preds = {k: v.float() for k, v in preds.items()}
+            loss, _ = criterion(preds, batch)
+            total += float(loss)
+            batches += 1
+            metrics.update(preds, batch)
     return metrics.compute(), total / max(batches, 1)
 
 

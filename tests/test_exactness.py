@@ -114,3 +114,26 @@ def test_tadformer_official_sets_released_layout():
     cfg = resolve_spec(parse_method_specs("tadformer_official")[0]).config
     assert cfg.skip_layout == "released"
     assert resolve_spec(parse_method_specs("tadformer")[0]).config.skip_layout == "correct"
+
+
+def test_merge_unmerge_lora():
+    """Merged outputs equal unmerged within 1e-5; unmerge restores the frozen weights bit-exactly."""
+    from mtbench.lora import merged_lora
+
+    x = torch.randn(1, 3, 64, 64)
+    for spec in ("lora:targets=qkv+proj+fc1+fc2", "mtlora", "tadformer"):
+        model = build(spec).eval()
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, LoRALinear) and m.r > 0:
+                    torch.nn.init.normal_(m.lora_B, std=0.05)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with torch.no_grad():
+            ref = model(x)
+            with merged_lora(model) as n:
+                assert n > 0
+                out = model(x)
+                assert any(not torch.equal(p, before[k]) for k, p in model.named_parameters())
+        for t in ref:
+            assert (out[t] - ref[t]).abs().max() < 1e-5, spec
+        assert all(torch.equal(p, before[k]) for k, p in model.named_parameters()), spec
