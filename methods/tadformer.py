@@ -339,10 +339,9 @@ class TADFormer(MultiTaskModel):
         self.filter_kind = cfg.filter if cfg.dtf else None
         self.filters = nn.ModuleList()
         if self.filter_kind is not None:
-            for _ in range(backbone.num_stages):
-                make = (lambda: DynamicTaskFilter(cfg.r)) if self.filter_kind == "dtf" else (
-                    lambda: StaticTaskFilters(cfg.r, names))
-                self.filters.append(nn.ModuleDict({k: make() for k in ("proj", "fc1", "fc2")}))
+            make = (lambda: DynamicTaskFilter(cfg.r)) if self.filter_kind == "dtf" else (
+                lambda: StaticTaskFilters(cfg.r, names))
+            self.filters = nn.ModuleList(nn.ModuleDict({k: make() for k in ("proj", "fc1", "fc2")}) for _ in dims)
             self.add_method_params(self.filters)
         self.tpc_norms = nn.ModuleList()
         if cfg.prompts and cfg.tpc == "official":
@@ -351,7 +350,7 @@ class TADFormer(MultiTaskModel):
             self.add_method_params(self.tpc_norms)
         self.gates = nn.ModuleList()
         if cfg.tpc_active and cfg.skip == "gated":
-            self.gates = nn.ModuleList(StageGate() for _ in range(backbone.num_stages))
+            self.gates = nn.ModuleList(StageGate() for _ in dims)
             self.add_method_params(self.gates)
         self.unfreeze_backbone("patch_embed", "norm", "rel_pos")
         self._record_stage: int | None = None
@@ -394,7 +393,6 @@ class TADFormer(MultiTaskModel):
         """The TPC weighting ``a_i`` ``[B*nW, heads, T, N]`` of the block's prompt rows on its patch columns."""
         att = ctx.attention
         return att.prompt_probs if self.cfg.tpc == "paper" else F.gelu(att.prompt_logits)
-
 
     # ------------------------------------------------------------------ visualisation (Fig. 7)
     @torch.no_grad()
