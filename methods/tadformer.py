@@ -366,7 +366,7 @@ class TADFormer(MultiTaskModel):
             return None
         for place, layer in (("proj", block.attn.proj), ("fc1", block.mlp.fc1), ("fc2", block.mlp.fc2)):
             if self.num_streams:
-                layer.set_task_mid(None if self.filter_kind is None else TAFilter(self, stage, place, block))
+                layer.set_task_mid(None if self.filter_kind is None else TaskBranchFilter(self, stage, place, block))
         return TaskAdaptingBlock(stage)
 
     # ------------------------------------------------------------------ stream layout
@@ -431,7 +431,7 @@ class TADFormer(MultiTaskModel):
         return {t: maps[..., j] for j, t in enumerate(self.task_names)}
 
 
-class TAFilter:
+class TaskBranchFilter:
     """The filter between the shared LoRA's down- and up-projection of a TA-module (§3.4), on the task streams.
 
     At ``proj`` it runs per window on the window grid, at ``fc1``/``fc2`` on the full ``H x W`` map, as the official
@@ -476,12 +476,12 @@ class TaskAdaptingBlock(BlockExtension):
         weights = amap.permute(2, 0, 3, 1).unsqueeze(-1)  # [T, M, N, heads, 1]
         weighted = (values.reshape(1, M, N, heads, C // heads) * weights).reshape(T * M, N, C)
         if cfg.tpc == "paper":
-            ta_in = f_rep + weighted
-            ctx.scratch["skip"] = ta_in
+            task_in = f_rep + weighted
+            ctx.scratch["skip"] = task_in
         else:
-            ta_in = model.tpc_norms[self.stage][-1](f_rep + weighted)
+            task_in = model.tpc_norms[self.stage][-1](f_rep + weighted)
             ctx.scratch["skip"] = weighted
-        return ta_in
+        return task_in
 
     def post_block(self, ctx, x: torch.Tensor) -> torch.Tensor:
         """Record the task attention maps (Fig. 7) and apply the stage-wise gated skip (Eq. 5) to the task

@@ -56,12 +56,18 @@ class LoRADropout(nn.Module):
         words = torch.randint(-(2**63), 2**63 - 1, ((n + 1) // 2,), dtype=torch.int64, device=device)
         return words.view(torch.int32)[:n].view(shape) >= self.threshold
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def unscaled(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``(y, c)`` with ``dropout(x) = c · y``: the scale is left for the caller to fold into a later product
+        (one elementwise pass fewer)."""
         if not self.training or self.p == 0:
-            return x
+            return x, 1.0
         if x.is_cuda or self.p >= 1:
-            return nn.functional.dropout(x, self.p, True)
-        return torch.where(self.keep_mask(tuple(x.shape), x.device), x, 0.0).mul_(1.0 / (1.0 - self.p))
+            return nn.functional.dropout(x, self.p, True), 1.0
+        return torch.where(self.keep_mask(tuple(x.shape), x.device), x, 0.0), 1.0 / (1.0 - self.p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, c = self.unscaled(x)
+        return y if c == 1.0 else y.mul_(c)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -162,6 +168,17 @@ class LoRALinear(nn.Module):
             return x.new_zeros(*x.shape[:-1], self.out_features)
         return self.up(self.down(x))
 
+    def _shared_forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``W x + b + s · B A dropout(x)`` with the dropout scale and ``s`` folded into one ``addmm``; ``out``:
+        ``W x + b`` when already computed."""
+        out = self.base(x) if out is None else out
+        if self.r == 0:
+            return out
+        d, c = self.lora_dropout.unscaled(x) if isinstance(self.lora_dropout, LoRADropout) else (x, 1.0)
+        z = d.reshape(-1, self.in_features) @ self.lora_A.t()
+        out2 = torch.addmm(out.reshape(-1, self.out_features), z, self.lora_B.t(), alpha=self.scale * c)
+        return out2.view(out.shape)
+
     def task_delta(self, x: torch.Tensor, task: str) -> torch.Tensor:
         """Task ``task``'s update ``s_t · B_t A_t x`` (``task_mode="own"``; no dropout, as the official code)."""
         return (x @ self.task_A[task].t() @ self.task_B[task].t()) * self.task_scale
@@ -213,18 +230,16 @@ class LoRALinear(nn.Module):
             return self.base(x)
         layout = current_layout()
         if layout is None or layout.size == 1 or self.task_mode == "none":
-            out = self.base(x)
-            if self.r > 0:
-                out = out + self.delta(x)
-            return out
+            return self._shared_forward(x)
         S = layout.size
         xs = split_streams(x, S)
         if layout.has_shared:
             if layout.names[0] != SHARED:
                 raise MtbenchError(f"the shared stream must come first, got {layout.names}")
             base = self.base(xs[0])
-            delta = torch.cat([self.delta(xs[0]), self.task_deltas(x[xs.shape[1]:], layout.tasks)])
-            return (split_streams(delta, S) + base).view(*x.shape[:-1], self.out_features)
+            shared = self._shared_forward(xs[0], base)
+            tasks = split_streams(self.task_deltas(x[xs.shape[1]:], layout.tasks), S - 1) + base
+            return torch.cat([shared.unsqueeze(0), tasks]).view(*x.shape[:-1], self.out_features)
         return self.base(x) + self.task_deltas(x, layout.tasks)
 
     def split_forward(self, x: torch.Tensor, skip_rows: int, make_task_inputs) -> tuple[torch.Tensor, torch.Tensor]:

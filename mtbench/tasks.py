@@ -39,7 +39,7 @@ PRIMARY_METRIC = {
     "sal": ("mIoU", True),
     "normals": ("mErr", False),
     "depth": ("rmse", False),
-    "edge": ("maxF", True),
+    "edge": ("pixel_maxF", True),
 }
 
 
