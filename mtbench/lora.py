@@ -229,7 +229,7 @@ class LoRALinear(nn.Module):
                 raise MtbenchError("a merged LoRA layer cannot train; call unmerge() first")
             return self.base(x)
         layout = current_layout()
-        if layout is None or layout.size == 1 or self.task_mode == "none":
+        if layout is None or layout.names == (SHARED,) or self.task_mode == "none":
             return self._shared_forward(x)
         S = layout.size
         xs = split_streams(x, S)
