@@ -9,9 +9,12 @@ Faithful to the official code ``scale-lab/MTLoRA`` (after commit bf26b4b "Fix mi
 * Raw scale ``s = 4.0`` for both kinds, dropout 0.05, A kaiming-uniform (a=√5), B zero (``models/lora.py``).
 * Last block of each stage ("matrix" shared mode, ``lora.py``): the shared stream computes
   ``W x + b + s·B A x``; task ``t`` computes ``W x_shared + b + s·B_t A_t x_t`` — the frozen ``W`` always acts on the
-  shared input and the task output has no shared LoRA term. Task streams keep their own residuals inside the block,
-  go through the shared PatchMerging (once per task) and feed only their own decoder; the next stage consumes the
-  shared stream.
+  shared input and the task output has no shared LoRA term (:class:`mtbench.lora.LoRALinear`). The task streams
+  split from the shared one at ``proj`` (attention and ``qkv`` are shared), keep their own residuals inside the
+  block, go through the shared PatchMerging (stacked on the batch, one call) and feed only their own decoder; the
+  next stage consumes the shared stream (:meth:`mtbench.encoder.StreamPlan.last_block_per_stage`).
+* Dropout as the official code: one mask at ``proj`` for the shared and task branches, none on the task branches'
+  inputs at ``fc1``/``fc2``.
 * Trainable besides LoRA: patch embedding, all LayerNorms, relative-position tables and PatchMerging reductions
   (``mark_only_lora_as_trainable``); qkv/proj/fc biases stay frozen.
 
@@ -26,14 +29,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from mtbench.config import MethodConfig
+from mtbench.encoder import StreamPlan
 from mtbench.errors import MtbenchError
 from mtbench.lora import LoRALinear, inject_block_lora, inject_lora
-from mtbench.model import MultiTaskModel, nhwc_to_nchw
+from mtbench.model import MultiTaskModel
 from mtbench.registry import PaperCount, register_method
-from mtbench.swin import partition_windows, reverse_windows, window_attention
 
 _SRC = "MTLoRA CVPR'24 Table 1 (official code count, shared/reference/mtlora.md §2)"
 
@@ -91,48 +92,4 @@ class MTLoRA(MultiTaskModel):
         else:
             roles.append("patch_merging")
         self.unfreeze_backbone(*roles)
-
-    def encode(self, images: torch.Tensor) -> dict[str, list[torch.Tensor]]:
-        bb = self.backbone
-        x = bb.embed(images)
-        feats: dict[str, list[torch.Tensor]] = {t: [] for t in self.task_names}
-        for i in range(bb.num_stages):
-            blocks = bb.blocks(i)
-            for block in blocks[:-1]:
-                x = block(x)
-            x, task_x = self.task_block(blocks[-1], x)
-            for t in self.task_names:
-                feats[t].append(bb.merge(i, task_x[t]))
-            if i < bb.num_stages - 1:
-                x = bb.merge(i, x)
-        return {t: nhwc_to_nchw(f) for t, f in feats.items()}
-
-    def task_block(self, block, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Last block of a stage with shared and per-task streams (official "matrix" mode).
-
-        Args:
-            block: timm ``SwinTransformerBlock`` whose proj/fc1/fc2 carry TS-LoRA branches.
-            x: NHWC ``[B,H,W,C]`` shared input.
-
-        Returns:
-            shared output ``[B,H,W,C]`` and ``{task: [B,H,W,C]}``.
-        """
-        shortcut = x
-        windows, ctx = partition_windows(block, block.norm1(x))
-        a = window_attention(block.attn, windows, block.attn_mask).values
-        proj, mlp = block.attn.proj, block.mlp
-        proj_base = proj.base(a)
-        x1 = shortcut + block.drop_path1(reverse_windows(block, block.attn.proj_drop(proj_base + proj.delta(a)), ctx))
-        y = {t: shortcut + block.drop_path1(reverse_windows(
-            block, block.attn.proj_drop(proj_base + proj.task_delta(a, t)), ctx)) for t in self.task_names}
-
-        n_sh = block.norm2(x1)
-        fc1_base = mlp.fc1.base(n_sh)
-        h_sh = mlp.norm(mlp.drop1(mlp.act(fc1_base + mlp.fc1.delta(n_sh))))
-        fc2_base = mlp.fc2.base(h_sh)
-        out = x1 + block.drop_path2(mlp.drop2(fc2_base + mlp.fc2.delta(h_sh)))
-        tasks = {}
-        for t in self.task_names:
-            h_t = mlp.norm(mlp.drop1(mlp.act(fc1_base + mlp.fc1.task_delta(block.norm2(y[t]), t))))
-            tasks[t] = y[t] + block.drop_path2(mlp.drop2(fc2_base + mlp.fc2.task_delta(h_t, t)))
-        return out, tasks
+        self.stream_plan = StreamPlan.last_block_per_stage(split_at="proj")

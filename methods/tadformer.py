@@ -4,8 +4,9 @@ CVPR 2025, arXiv 2501.04293). Official code ``github.com/Min100KM/TADFormer@1f53
 Written from the paper; the official code is used only to settle what the paper leaves open, and each place
 where the two differ is a named option.
 
-Structure (as MTLoRA, ``methods/mtlora.py``: per-task streams in the last block of each stage, passed through the
-frozen shared PatchMerging into each task's decoder; the shared stream continues to the next stage):
+Structure (as MTLoRA, ``methods/mtlora.py``: per-task streams in the last block of each stage, split from the shared
+stream at ``proj`` and passed through the frozen shared PatchMerging, stacked on the batch, into each task's decoder;
+the shared stream continues to the next stage; all on the core's seams, :mod:`mtbench.encoder`):
 
 * **TS-module** (§3.2, Eq. 1): a shared LoRA ``X_out = Φ(X) + (X W_down) W_up`` of rank ``r`` (16/32/64), raw scale
   ``s = 4``, dropout 0.05 on ``qkv``, ``proj``, ``fc1``, ``fc2`` of every block (:class:`mtbench.lora.LoRALinear`).
@@ -75,7 +76,15 @@ static, tpc=official (code)         3,532,350     4,670,526     6,946,878     (r
 The paper's Table 1 counts were taken on the official model, which carries 12 TPC LayerNorms (9 unused, 8,832
 parameters) with the DTF: ``tpc=official`` reproduces them exactly; the paper form has no LayerNorm and is 8,832
 lower (4.77M / 7.37M at r = 32 / 64 after rounding). Variant ``tadformer_official`` = ``filter=static,
-tpc=official, prompt_update=official``, the released code.
+tpc=official, prompt_update=official, skip_layout=released``, the released code.
+
+5. ``skip_layout``: ``correct`` (paper) | ``released``: the released code stores the TPC skip feature channel-first
+   ``[B*nW, C, N]`` (``models/lora.py`` around 620-628) and reads it back with ``.view(-1, ws, ws, C)`` instead of a
+   transpose (``models/swin_transformer_tadformer.py`` around 472), scrambling channels and tokens before the stage
+   gate; the paper's numbers came from that code.
+6. Dropout (the paper is silent; the official code decides): the TPC weighting, the skip feature and the TA-module
+   input at ``proj`` are computed from the LoRA-dropout-applied attention output (one mask with the shared branch,
+   :meth:`mtbench.lora.LoRALinear.split_forward`); the TA-modules' inputs at ``fc1``/``fc2`` get no dropout.
 
 Table 2 (r = 32, ``tpc=official``): Baseline (``prompts=false,dtf=false``) 4,258,874 (paper 4.26); +TPC+TP
 (``dtf=false``) 4,655,166 (4.66); +DTF (``prompts=false``) 4,379,834 (paper 4.40: the same terms that give the
@@ -93,13 +102,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtbench.config import MethodConfig
+from mtbench.encoder import BlockExtension, StreamPlan
 from mtbench.errors import MtbenchError
 from mtbench.lora import inject_block_lora
-from mtbench.model import MultiTaskModel, nhwc_to_nchw
+from mtbench.model import MultiTaskModel
 from mtbench.registry import PaperCount, register_method
-from mtbench.swin import (
-    partition_windows, prompted_block, reverse_windows, update_prompt_tokens, window_attention,
-)
+from mtbench.streams import split_streams
+from mtbench.swin import reverse_windows, update_prompt_tokens
 
 _T1 = "TADFormer CVPR'25 Table 1"
 _T2 = "TADFormer CVPR'25 Table 2 (r=32)"
@@ -130,6 +139,10 @@ class TADFormerConfig(MethodConfig):
     skip: str = field(default="gated", metadata={
         "help": "skip of the TPC feature to the decoders: gated (Eq. 5) | mean (official STAGEWISEGATING off) | "
                 "none (official SKIPCONNECTION off)", "choices": ("gated", "mean", "none")})
+    skip_layout: str = field(default="correct", metadata={
+        "help": "memory layout of the TPC skip feature: correct (paper) | released (the released code stores it "
+                "[B*nW, C, N] and reads it back as [B*nW, ws, ws, C], scrambling channels and tokens)",
+        "choices": ("correct", "released")})
 
     def validate(self) -> None:
         super().validate()
@@ -287,7 +300,8 @@ _SRC_T1 = [
     code="https://github.com/Min100KM/TADFormer (1f53b9f)",
     summary="shared LoRA + task prompts; last block per stage: TPC (prompt attention) -> TA-module with Dynamic "
             "Task Filter between LoRA down/up; gated skip; frozen PatchMerging + prompt upsampling",
-    variants={"tadformer_official": {"filter": "static", "tpc": "official", "prompt_update": "official"}},
+    variants={"tadformer_official": {"filter": "static", "tpc": "official", "prompt_update": "official",
+                                     "skip_layout": "released"}},
     paper_counts=_SRC_T1,
 )
 class TADFormer(MultiTaskModel):
@@ -325,10 +339,9 @@ class TADFormer(MultiTaskModel):
         self.filter_kind = cfg.filter if cfg.dtf else None
         self.filters = nn.ModuleList()
         if self.filter_kind is not None:
-            for _ in range(backbone.num_stages):
-                make = (lambda: DynamicTaskFilter(cfg.r)) if self.filter_kind == "dtf" else (
-                    lambda: StaticTaskFilters(cfg.r, names))
-                self.filters.append(nn.ModuleDict({k: make() for k in ("proj", "fc1", "fc2")}))
+            make = (lambda: DynamicTaskFilter(cfg.r)) if self.filter_kind == "dtf" else (
+                lambda: StaticTaskFilters(cfg.r, names))
+            self.filters = nn.ModuleList(nn.ModuleDict({k: make() for k in ("proj", "fc1", "fc2")}) for _ in dims)
             self.add_method_params(self.filters)
         self.tpc_norms = nn.ModuleList()
         if cfg.prompts and cfg.tpc == "official":
@@ -337,152 +350,49 @@ class TADFormer(MultiTaskModel):
             self.add_method_params(self.tpc_norms)
         self.gates = nn.ModuleList()
         if cfg.tpc_active and cfg.skip == "gated":
-            self.gates = nn.ModuleList(StageGate() for _ in range(backbone.num_stages))
+            self.gates = nn.ModuleList(StageGate() for _ in dims)
             self.add_method_params(self.gates)
         self.unfreeze_backbone("patch_embed", "norm", "rel_pos")
         self._record_stage: int | None = None
         self._recorded: torch.Tensor | None = None
+        self.residual_prompts = cfg.prompt_update == "vpt"
+        if self.num_streams:
+            self.stream_plan = StreamPlan.last_block_per_stage(split_at="proj")
+        self.extend_blocks(self._last_block)
+
+    def _last_block(self, stage: int, index: int, block) -> BlockExtension | None:
+        """TA-modules on proj/fc1/fc2 and the task-adapting extension, in the last block of each stage."""
+        if index != len(self.backbone.blocks(stage)) - 1:
+            return None
+        for place, layer in (("proj", block.attn.proj), ("fc1", block.mlp.fc1), ("fc2", block.mlp.fc2)):
+            if self.num_streams:
+                layer.set_task_mid(None if self.filter_kind is None else TaskBranchFilter(self, stage, place, block))
+        return TaskAdaptingBlock(stage)
 
     # ------------------------------------------------------------------ stream layout
     @property
     def num_streams(self) -> int:
-        """Distinct task streams in the last blocks: T when tasks can differ, 1 when they cannot, 0 when the last
-        block is an ordinary TS-LoRA block whose shared output every decoder receives (Table 2 "Baseline")."""
-        if self.cfg.tpc_active or self.filter_kind == "static":
-            return len(self.task_names)
-        return 1 if self.filter_kind == "dtf" else 0
+        """Task streams in the last blocks: T when the last block adapts per task, 0 when it is an ordinary
+        TS-LoRA block whose shared output every decoder receives (Table 2 "Baseline"). When the task streams cannot
+        differ (no TPC, filter shared by tasks) the T streams are equal."""
+        return len(self.task_names) if (self.cfg.tpc_active or self.filter_kind is not None) else 0
 
-    # ------------------------------------------------------------------ forward
-    def encode(self, images: torch.Tensor) -> dict[str, list[torch.Tensor]]:
-        bb = self.backbone
-        x = bb.embed(images)
-        B = x.shape[0]
-        prompts = None if self.task_prompts is None else self.task_prompts.unsqueeze(0).expand(B, -1, -1)
-        residual = self.cfg.prompt_update == "vpt"
-        feats: dict[str, list[torch.Tensor]] = {t: [] for t in self.task_names}
-        for i in range(bb.num_stages):
-            blocks = bb.blocks(i)
-            for block in blocks[:-1]:
-                if prompts is None:
-                    x = block(x)
-                else:
-                    x, prompts = prompted_block(block, x, prompts, prompt_residual=residual)
-            final = i == bb.num_stages - 1
-            x, prompts, streams = self.task_block(i, blocks[-1], x, prompts, update_prompts=not final)
-            shared_tap = bb.merge(i, x)
-            if streams is None:
-                for t in self.task_names:
-                    feats[t].append(shared_tap)
-            else:
-                taps = bb.merge(i, streams).chunk(streams.shape[0] // B)
-                for j, t in enumerate(self.task_names):
-                    feats[t].append(taps[j if len(taps) > 1 else 0])
-            if not final:
-                x = shared_tap
-                if prompts is not None:
-                    prompts = self.prompt_up[i](prompts)
-        return {t: nhwc_to_nchw(f) for t, f in feats.items()}
+    # ------------------------------------------------------------------ encoder hooks (mtbench.encoder)
+    def init_prompts(self, layout):
+        if self.task_prompts is None:
+            return None
+        return self.task_prompts.unsqueeze(0).expand(layout.batch, -1, -1)
 
-    def _filter(self, stage: int, place: str, z: torch.Tensor) -> torch.Tensor:
-        """Filter ``z`` (NHWC ``[S*M, h, w, r]``) on its ``h x w`` grid; identity without a filter."""
-        if self.filter_kind is None:
-            return z
-        out = self.filters[stage][place](z.permute(0, 3, 1, 2))
-        return out.permute(0, 2, 3, 1)
+    def update_prompts(self, ctx, prompts, projected, num_windows):
+        return update_prompt_tokens(ctx.block, prompts, projected, num_windows, residual=self.residual_prompts)
 
-    @staticmethod
-    def _add_shared(task: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
-        """``task`` ``[S*M, ...]`` + ``shared`` ``[M, ...]`` broadcast over the S streams."""
-        S = task.shape[0] // shared.shape[0]
-        return (task.view(S, *shared.shape) + shared).view(task.shape)
+    def merge_prompts(self, stage, prompts):
+        return self.prompt_up[stage](prompts)
 
-    def task_block(self, stage: int, block, x: torch.Tensor, prompts: torch.Tensor | None,
-                   update_prompts: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Task-adapting block (last block of a stage): shared stream, TPC, TA-modules, gated skip.
-
-        Args:
-            stage: stage index.
-            block: timm ``SwinTransformerBlock`` with LoRA-wrapped linears.
-            x: NHWC ``[B,H,W,C]`` shared input.
-            prompts: ``[B,T,C]`` or None.
-            update_prompts: update the prompts in this block (False in the network's final block).
-
-        Returns:
-            ``(shared output [B,H,W,C], prompts, streams)``; ``streams`` is ``[S*B,H,W,C]`` (task-major; S = T or 1)
-            ready for the PatchMerging, or None when every task uses the shared output.
-        """
-        cfg = self.cfg
-        S = self.num_streams
-        B, H, W, C = x.shape
-        attn, mlp = block.attn, block.mlp
-        P = 0 if prompts is None else prompts.shape[1]
-        shortcut = x
-        windows, ctx = partition_windows(block, block.norm1(x))
-        record = self._record_stage == stage
-        want_maps = P > 0 and (cfg.tpc_active or record)
-        out = window_attention(attn, windows, block.attn_mask, None if P == 0 else block.norm1(prompts),
-                               return_prompt_maps=want_maps)
-        vals = out.values  # [M, P+N, C], M = B*nW
-        proj_base = attn.proj.base(vals)
-        proj_sh = attn.proj_drop(proj_base + attn.proj.delta(vals))
-        x1 = shortcut + block.drop_path1(reverse_windows(block, proj_sh[:, P:], ctx))
-        n_sh = block.norm2(x1)
-        fc1_base = mlp.fc1.base(n_sh)
-        h_sh = mlp.norm(mlp.drop1(mlp.act(fc1_base + mlp.fc1.delta(n_sh))))
-        fc2_base = mlp.fc2.base(h_sh)
-        x_out = x1 + block.drop_path2(mlp.drop2(fc2_base + mlp.fc2.delta(h_sh)))
-
-        if P and update_prompts:
-            prompts = update_prompt_tokens(block, prompts, proj_sh[:, :P], ctx.num_windows,
-                                           residual=cfg.prompt_update == "vpt")
-
-        amap = None
-        if want_maps:
-            amap = out.prompt_probs if cfg.tpc == "paper" else F.gelu(out.prompt_logits)  # [M, heads, T, N]
-            if record:
-                m = amap.mean(1).transpose(1, 2)  # [M, N, T]
-                self._recorded = reverse_windows(block, m, ctx)  # [B, H, W, T]
-        if S == 0:
-            return x_out, prompts, None
-
-        # ---- TPC (Eq. 2): task-adapted features f_i from the prompt attention maps
-        f = vals[:, P:]  # pre-projection attention output of the patches, [M, N, C]
-        M, N = f.shape[:2]
-        skip = None
-        if cfg.tpc_active:
-            heads = amap.shape[1]
-            weights = amap.permute(2, 0, 3, 1).unsqueeze(-1)  # [T, M, N, heads, 1]
-            weighted = (f.reshape(1, M, N, heads, C // heads) * weights).reshape(S * M, N, C)
-            f_rep = f.unsqueeze(0).expand(S, M, N, C).reshape(S * M, N, C)
-            if cfg.tpc == "paper":
-                ta_in = f_rep + weighted
-                skip = ta_in
-            else:
-                ta_in = self.tpc_norms[stage][-1](f_rep + weighted)
-                skip = weighted
-        else:
-            ta_in = f if S == 1 else f.unsqueeze(0).expand(S, M, N, C).reshape(S * M, N, C)
-
-        # ---- TA-module at proj (Eq. 3-4), filter per window on the window grid
-        wh, ww = block.window_size
-        proj = attn.proj
-        z = self._filter(stage, "proj", proj.down(ta_in).view(S * M, wh, ww, -1)).reshape(S * M, N, -1)
-        ta = attn.proj_drop(self._add_shared(proj.up(z), proj_base[:, P:]))
-        y = shortcut.unsqueeze(0) + block.drop_path1(reverse_windows(block, ta, ctx)).view(S, B, H, W, C)
-        y = y.view(S * B, H, W, C)
-
-        # ---- TA-modules at fc1 / fc2, filter on the full H x W map
-        fc1, fc2 = mlp.fc1, mlp.fc2
-        z = self._filter(stage, "fc1", fc1.down(block.norm2(y)))
-        h = mlp.norm(mlp.drop1(mlp.act(self._add_shared(fc1.up(z), fc1_base))))
-        z = self._filter(stage, "fc2", fc2.down(h))
-        streams = y + block.drop_path2(mlp.drop2(self._add_shared(fc2.up(z), fc2_base)))
-
-        # ---- stage-wise gated skip (Eq. 5)
-        if skip is not None and cfg.skip != "none":
-            skip = reverse_windows(block, skip, ctx)
-            streams = self.gates[stage](skip, streams) if cfg.skip == "gated" else 0.5 * (skip + streams)
-        return x_out, prompts, streams
+    def task_attention(self, ctx) -> torch.Tensor:
+        """The TPC weighting ``a_i`` ``[B*nW, heads, T, N]`` of the block's prompt rows on its patch columns."""
+        att = ctx.attention
+        return att.prompt_probs if self.cfg.tpc == "paper" else F.gelu(att.prompt_logits)
 
     # ------------------------------------------------------------------ visualisation (Fig. 7)
     @torch.no_grad()
@@ -519,3 +429,75 @@ class TADFormer(MultiTaskModel):
             self._record_stage, self._recorded = None, None
             self.train(was_training)
         return {t: maps[..., j] for j, t in enumerate(self.task_names)}
+
+
+class TaskBranchFilter:
+    """The filter between the shared LoRA's down- and up-projection of a TA-module (§3.4), on the task streams.
+
+    At ``proj`` it runs per window on the window grid, at ``fc1``/``fc2`` on the full ``H x W`` map, as the official
+    code. Input and output ``[T*M, ..., r]`` (windows ``[T*B*nW, N, r]`` or maps ``[T*B, H, W, r]``).
+    """
+
+    def __init__(self, model: TADFormer, stage: int, place: str, block):
+        self.model, self.stage, self.place, self.window = model, stage, place, tuple(block.window_size)
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        f = self.model.filters[self.stage][self.place]
+        if self.place == "proj":
+            grid = z.view(z.shape[0], *self.window, z.shape[-1])
+            return f(grid.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(z.shape)
+        return f(z.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class TaskAdaptingBlock(BlockExtension):
+    """TADFormer's last block of a stage (§3.3-3.5): TPC at the ``proj`` split, gated skip after the block.
+
+    Parameter-free: the prompts, filters, TPC LayerNorms and gates belong to the model (``ctx.model``).
+    """
+
+    def __init__(self, stage: int):
+        super().__init__()
+        self.stage = stage
+
+    def wants_prompt_maps(self, ctx) -> bool:
+        return ctx.model.cfg.tpc_active or ctx.model._record_stage == self.stage
+
+    def split(self, ctx, values: torch.Tensor) -> torch.Tensor:
+        """TPC (Eq. 2): the task streams' TA input ``f_i`` from the (dropped-out) attention output ``f``
+        ``[M, N, C]``; the skip feature goes to ``ctx.scratch``. Returns ``[T*M, N, C]``."""
+        model, cfg = ctx.model, ctx.model.cfg
+        T = len(ctx.layout.tasks)
+        M, N, C = values.shape
+        f_rep = values.unsqueeze(0).expand(T, M, N, C).reshape(T * M, N, C)
+        if not cfg.tpc_active:
+            return f_rep
+        amap = model.task_attention(ctx)  # [M, heads, T, N]
+        heads = amap.shape[1]
+        weights = amap.permute(2, 0, 3, 1).unsqueeze(-1)  # [T, M, N, heads, 1]
+        weighted = (values.reshape(1, M, N, heads, C // heads) * weights).reshape(T * M, N, C)
+        if cfg.tpc == "paper":
+            task_in = f_rep + weighted
+            ctx.scratch["skip"] = task_in
+        else:
+            task_in = model.tpc_norms[self.stage][-1](f_rep + weighted)
+            ctx.scratch["skip"] = weighted
+        return task_in
+
+    def post_block(self, ctx, x: torch.Tensor) -> torch.Tensor:
+        """Record the task attention maps (Fig. 7) and apply the stage-wise gated skip (Eq. 5) to the task
+        streams of ``x`` ``[(1+T)*B, H, W, C]``."""
+        model, cfg = ctx.model, ctx.model.cfg
+        if model._record_stage == self.stage:
+            m = model.task_attention(ctx).mean(1).transpose(1, 2)  # [M, N, T]
+            model._recorded = reverse_windows(ctx.block, m, ctx.windows)  # [B, H, W, T]
+        skip = ctx.scratch.get("skip")
+        if skip is None or cfg.skip == "none":
+            return x
+        if cfg.skip_layout == "released":  # stored [B*nW, C, N], read back as [B*nW, ws, ws, C]
+            skip = skip.transpose(1, 2).contiguous().view(skip.shape)
+        skip = reverse_windows(ctx.block, skip, ctx.windows)
+        parts = split_streams(x, ctx.layout.size)
+        tasks = parts[1:].reshape(skip.shape)
+        tasks = model.gates[self.stage](skip, tasks) if cfg.skip == "gated" else 0.5 * (skip + tasks)
+        return torch.cat([parts[0], tasks])
+

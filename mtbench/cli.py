@@ -124,6 +124,8 @@ def run(
     time: str = typer.Option("24:00", "--time", help="wall-clock limit per job, HH:MM (--launcher)"),
     wait: bool = typer.Option(False, "--wait", help="wait for submitted jobs to end (always with --launcher local)"),
     no_record: bool = typer.Option(False, "--no-record", hidden=True, help="do not record a sweep (child runs)"),
+    decoder: Optional[str] = typer.Option(None, help="decoder (mtbench.decoders): mtlora_hrnet | hrnet_270; default "
+                                          "per backbone (Swin-T: mtlora_hrnet, embedded: hrnet_270)"),
 ) -> None:
     """Train, select on validation, evaluate on test, and write one result file per method and seed."""
     from mtbench import distributed
@@ -138,7 +140,7 @@ def run(
                      seed=seed, device=device, epochs=epochs, batch_size=batch_size, lr=lr,
                      max_train_batches=max_train_batches, data_root=data_root, weights=weights, init=init,
                      results_dir=results_dir, existing=existing, train_size=train_size, command=default_command(),
-                     preset=preset, eval_resolution=eval_resolution,
+                     preset=preset, eval_resolution=eval_resolution, decoder=decoder,
                      seeds=_int_list(seeds, "--seeds"), restart=restart, checkpoint_minutes=checkpoint_minutes)
     _, runs, _ = plan(req)
     todo = [r for r in runs if not (r.path.exists() and existing == "skip")]
@@ -329,6 +331,7 @@ def table(
 def params(
     dataset: str = typer.Option("pascal_context", help="task set of this dataset's setting"),
     methods: Optional[str] = typer.Option(None, "--methods", "-m", help="only these methods (comma-separated)"),
+    decoder: Optional[str] = typer.Option(None, help="decoder (default: the backbone's)"),
 ) -> None:
     """Build every method in the papers' setting (no data, no weights) and print #TP next to the papers'."""
     from mtbench.config import MethodSpec
@@ -338,10 +341,13 @@ def params(
     from mtbench.swin import create_backbone
     from mtbench.tasks import resolve_tasks
 
+    from mtbench.decoders import resolve_decoder
+
     backbone = get_dataset(dataset).backbone
     task_specs = resolve_tasks(dataset)
+    decoder = resolve_decoder(decoder, backbone).name
     wanted = None if methods is None else {resolve(m.strip())[0].name for m in methods.split(",") if m.strip()}
-    t = Table(title=f"#TP, {backbone} setting, tasks: {', '.join(x.name for x in task_specs)}",
+    t = Table(title=f"#TP, {backbone} setting, decoder {decoder}, tasks: {', '.join(x.name for x in task_specs)}",
               title_justify="left")
     for c in ("method", "options", "#TP", "backbone unfrozen", "method modules", "decoders", "paper (M)", "source / note"):
         t.add_column(c, justify="right" if c in ("#TP", "method modules", "decoders", "paper (M)") else "left")
@@ -356,7 +362,7 @@ def params(
             opts = {} if pc is None else {k: str(v).lower() if isinstance(v, bool) else str(v)
                                           for k, v in pc.options.items()}
             rm = resolve_spec(MethodSpec(info.name, opts))
-            model = build_model(rm, create_backbone(backbone), task_specs)
+            model = build_model(rm, create_backbone(backbone), task_specs, decoder=decoder)
             pb = count_params(model)
             unfrozen = ", ".join(f"{k} {v:,}" for k, v in pb.backbone_unfrozen.items()) or "-"
             paper = "-" if pc is None or pc.millions is None else f"{pc.millions:.2f}"

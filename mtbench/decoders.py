@@ -1,26 +1,41 @@
-"""Per-task decoders, identical for every method (so that #TP and metrics compare encoders only).
+"""The decoder side: per-task neck -> interaction stage (sees every task) -> per-task head, from a registry.
 
-:class:`HRNetHead` is MTLoRA's decoder (Agiza et al., CVPR 2024, §4.1; official ``scale-lab/MTLoRA``
-``models/swin_mtl.py`` "Downsampler" + ``models/seg_hrnet.py::HighResolutionHead``): 1x1 convs (no bias) reduce the
-four backbone taps to 18/36/72/144 channels, scales 2-4 are bilinearly upsampled to scale 1 and concatenated (270
-channels), then 1x1 conv 270->1080 (+bias), BatchNorm, ReLU, 1x1 conv 1080->out, and a bilinear upsample to the input
-size. For PASCAL-Context's four tasks on Swin-T this is 1,946,624 parameters.
+A decoder is chosen per run (``mtbench run --decoder NAME``, recorded in the result file) from :data:`DECODERS`;
+the default depends on the backbone (:data:`DEFAULT_DECODER`). Every method gets the same decoder, so #TP and metrics
+compare encoders.
+
+* **neck** (per task): 1x1 convs (no bias) reducing the four backbone taps to 18/36/72/144 channels (HRNet-w18
+  widths; MTLoRA's "Downsampler").
+* **interaction** (all tasks): ``{task: [4 NCHW maps]} -> ({task: [4 maps]}, aux_losses)``; identity by default.
+  Inter-task modules (InvPT-style attention, deformable inter-task attention) plug in here through
+  :func:`register_interaction`.
+* **head** (per task): scales 2-4 bilinearly upsampled to scale 1 and concatenated (270 channels), 1x1 conv
+  270 -> hidden (+bias), BatchNorm, ReLU, 1x1 conv hidden -> out, bilinear upsample to the input size.
+
+Decoders: ``mtlora_hrnet`` is MTLoRA's head (Agiza et al., CVPR 2024, §4.1; official ``scale-lab/MTLoRA``
+``models/swin_mtl.py`` + ``models/seg_hrnet.py::HighResolutionHead``), hidden 1080 = 4 x 270; 1,946,624 parameters
+for PASCAL-Context's four tasks on Swin-T (the papers' default). ``hrnet_270`` is the original 270-wide head of
+Vandenhende et al. (TPAMI 2021, ``SimonVandenhende/Multi-Task-Learning-PyTorch models/seg_hrnet.py``), the
+embedded default: the 1080-wide head costs 3x the small backbone's compute on a CPU.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mtbench.errors import MtbenchError
 
 #: HRNet-w18 branch widths used by MTLoRA's head.
 HRNET_CHANNELS = (18, 36, 72, 144)
 
 
 class HRNetHead(nn.Module):
-    """MTLoRA's HRNet-style head for one task.
+    """Neck and head of one task (MTLoRA's HRNet-style decoder).
 
     Args:
         in_dims: channels of the four backbone taps, e.g. ``(192, 384, 768, 768)``.
@@ -28,7 +43,8 @@ class HRNetHead(nn.Module):
         channels: widths after the 1x1 reducers (sum 270 by default).
         hidden_ratio: width of the hidden 1x1 conv as a multiple of ``sum(channels)`` (MTLoRA: 4 -> 1080).
 
-    Shapes: ``forward(feats, size)`` takes four NCHW maps (scale 1 largest) and returns ``[B, out_channels, *size]``.
+    Shapes: :meth:`neck` four NCHW maps -> four maps of ``channels`` widths; :meth:`head` those and ``size`` ->
+    ``[B, out_channels, *size]``; ``forward(feats, size)`` = ``head(neck(feats), size)``.
     """
 
     def __init__(self, in_dims: Sequence[int], out_channels: int, channels: Sequence[int] = HRNET_CHANNELS,
@@ -36,6 +52,7 @@ class HRNetHead(nn.Module):
         super().__init__()
         if len(in_dims) != len(channels):
             raise ValueError(f"HRNetHead needs {len(channels)} input scales, got {len(in_dims)}")
+        self.channels = tuple(channels)
         self.reducers = nn.ModuleList(nn.Conv2d(i, c, 1, bias=False) for i, c in zip(in_dims, channels))
         total = sum(channels)
         hidden = hidden_ratio * total
@@ -46,10 +63,80 @@ class HRNetHead(nn.Module):
             nn.Conv2d(hidden, out_channels, 1),
         )
 
-    def forward(self, feats: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-        reduced = [r(f) for r, f in zip(self.reducers, feats)]
+    def neck(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [r(f) for r, f in zip(self.reducers, feats)]
+
+    def head(self, reduced: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
         h, w = reduced[0].shape[-2:]
         up = [reduced[0]] + [F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
                              for x in reduced[1:]]
         out = self.fuse(torch.cat(up, dim=1))
         return F.interpolate(out, size=size, mode="bilinear", align_corners=False)
+
+    def forward(self, feats: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        return self.head(self.neck(feats), size)
+
+
+class IdentityInteraction(nn.Module):
+    """The default interaction stage: every task keeps its own features, no auxiliary loss."""
+
+    def forward(self, feats: dict[str, list[torch.Tensor]]) -> tuple[dict[str, list[torch.Tensor]],
+                                                                     dict[str, torch.Tensor]]:
+        return feats, {}
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """A registered decoder.
+
+    Attributes:
+        name: registry key (``--decoder``).
+        make_task: ``(in_dims, out_channels) -> module`` with ``neck(feats)`` and ``head(reduced, size)``.
+        make_interaction: ``(task names, neck widths) -> module`` for the interaction stage.
+        neck_channels: widths of the neck outputs (what the interaction stage sees).
+        description: one line for ``mtbench list``.
+    """
+
+    name: str
+    make_task: Callable[[Sequence[int], int], nn.Module]
+    make_interaction: Callable[[Sequence[str], Sequence[int]], nn.Module]
+    neck_channels: tuple[int, ...]
+    description: str
+
+
+DECODERS: dict[str, DecoderSpec] = {}
+
+#: Default decoder per backbone name.
+DEFAULT_DECODER = {"swin_tiny_patch4_window7_224": "mtlora_hrnet", "swin_embedded": "hrnet_270"}
+
+
+def register_decoder(spec: DecoderSpec) -> DecoderSpec:
+    """Add a decoder to :data:`DECODERS`.
+
+    Raises:
+        ValueError: name already registered (a programming error).
+    """
+    if spec.name in DECODERS:
+        raise ValueError(f"decoder {spec.name!r} registered twice")
+    DECODERS[spec.name] = spec
+    return spec
+
+
+register_decoder(DecoderSpec(
+    "mtlora_hrnet", lambda dims, out: HRNetHead(dims, out, hidden_ratio=4), lambda tasks, ch: IdentityInteraction(),
+    HRNET_CHANNELS, "MTLoRA's HRNet head, hidden 1080 (the papers' default)"))
+register_decoder(DecoderSpec(
+    "hrnet_270", lambda dims, out: HRNetHead(dims, out, hidden_ratio=1), lambda tasks, ch: IdentityInteraction(),
+    HRNET_CHANNELS, "the original 270-wide HRNet head (Vandenhende et al.; the embedded default)"))
+
+
+def resolve_decoder(name: str | None, backbone_name: str) -> DecoderSpec:
+    """The decoder ``name``, or the backbone's default when None.
+
+    Raises:
+        MtbenchError: unknown name (the message lists the valid ones).
+    """
+    key = name or DEFAULT_DECODER.get(backbone_name, "mtlora_hrnet")
+    if key not in DECODERS:
+        raise MtbenchError(f"unknown decoder {name!r}; valid: {', '.join(DECODERS)}")
+    return DECODERS[key]

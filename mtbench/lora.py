@@ -1,15 +1,20 @@
 """Low-rank adaptation layers shared by every LoRA-based method (LoRA, MTLoRA, TADFormer, ...).
 
-A :class:`LoRALinear` wraps a frozen ``nn.Linear`` ``W`` and adds a shared low-rank branch and, optionally, one
-low-rank branch per task:
+A :class:`LoRALinear` wraps a frozen ``nn.Linear`` ``W`` and adds a shared low-rank branch and, optionally, task
+branches, applied per stream of the stacked batch (:mod:`mtbench.streams`):
 
-* shared (task-agnostic, TA-LoRA / TS-module):  ``y = W x + b + s · B A dropout(x)``
-* task ``t`` (task-specific, TS-LoRA):           ``y_t = W x_shared + b + s_t · B_t A_t dropout(x_t)``
+* shared stream (MTLoRA's task-agnostic TA-LoRA, TADFormer's TS-module):  ``y = W x + b + s · B A dropout(x)``
+* task stream ``t``, ``task_mode="own"`` (MTLoRA's task-specific TS-LoRA): ``y_t = W x_shared + b + s_t · B_t A_t x_t``
+* task stream ``t``, ``task_mode="shared_ab"`` (TADFormer's TA-module): ``y_t = W x_shared + b + s · B mid_t(A x_t)``
+
+``W`` acts on the *shared* stream's input when the layout has one (MTLoRA's "matrix" mode, official
+``scale-lab/MTLoRA models/lora.py::MTLoRALinear``), else on each stream's own input. The task branches' inputs get no
+dropout (official MTLoRA: dropout only on the shared branch's input); at a ``proj`` split
+(:meth:`LoRALinear.split_forward`) the task inputs are derived from the shared branch's dropped-out input, so one
+mask serves both, as in the official MTLoRA and TADFormer code.
 
 ``s`` is a raw multiplier (MTLoRA's ``SHARED_SCALE``), not ``alpha / r``; A is initialised kaiming-uniform
-(a=√5), B zero, so every branch starts as the identity adaptation (Hu et al., ICLR 2022 §4.1; MTLoRA official
-``scale-lab/MTLoRA models/lora.py::MTLoRALinear``). Naming of the two MTLoRA kinds follows the MTLoRA paper §3.2:
-TA-LoRA = task-agnostic, TS-LoRA = task-specific.
+(a=√5), B zero, so every branch starts as the identity adaptation (Hu et al., ICLR 2022 §4.1).
 
 :func:`inject_lora` replaces linears in a module tree by structure (module class and attribute name, as peft's
 ``target_modules`` suffix match), never by substring on parameter names.
@@ -18,20 +23,24 @@ TA-LoRA = task-agnostic, TS-LoRA = task-specific.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from mtbench.errors import MtbenchError
+from mtbench.streams import SHARED, StreamLayout, current_layout, per_stream, split_streams, stream_layout
 
 
 class LoRADropout(nn.Module):
     """Inverted dropout on LoRA inputs with probability ``p`` (Hu et al. 2022; MTLoRA ``lora_dropout`` 0.05).
 
     On CUDA this is ``F.dropout``. On CPU, where ``bernoulli_`` draws one random number per element and took a third
-    of a training step, the keep-mask is drawn 8 bits per element from a single ``torch.randint`` call, so the drop
-    probability is ``round(256 p) / 256`` (0.05 -> 13/256 = 0.0508); kept values are scaled by ``1 / (1 - p_eff)``.
+    of a training step, the keep-mask is drawn as 32-bit integers from one ``torch.randint`` call (two per 64-bit
+    word) and compared with a threshold: the drop probability is ``round(2^32 p) / 2^32`` (exact to 2.4e-10; issue 6
+    replaced the 8-bit draw whose ``p`` was ``13/256`` for 0.05). The mask stays boolean (no float copy); kept
+    values are scaled by ``1 / (1 - p)``.
 
     Shapes: any; output shape = input shape.
     """
@@ -39,34 +48,50 @@ class LoRADropout(nn.Module):
     def __init__(self, p: float):
         super().__init__()
         self.p = float(p)
-        self.threshold = int(round(256 * self.p))
+        self.threshold = int(round(self.p * 2**32)) - 2**31  # keep where the signed 32-bit draw >= threshold
+
+    def keep_mask(self, shape: tuple[int, ...], device) -> torch.Tensor:
+        """Boolean keep-mask of ``shape`` with ``P(keep) = 1 - p`` (CPU path)."""
+        n = math.prod(shape)
+        words = torch.randint(-(2**63), 2**63 - 1, ((n + 1) // 2,), dtype=torch.int64, device=device)
+        return words.view(torch.int32)[:n].view(shape) >= self.threshold
+
+    def unscaled(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``(y, c)`` with ``dropout(x) = c · y``: the scale is left for the caller to fold into a later product
+        (one elementwise pass fewer)."""
+        if not self.training or self.p == 0:
+            return x, 1.0
+        if x.is_cuda or self.p >= 1:
+            return nn.functional.dropout(x, self.p, True), 1.0
+        return torch.where(self.keep_mask(tuple(x.shape), x.device), x, 0.0), 1.0 / (1.0 - self.p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
-        if x.is_cuda or self.threshold in (0, 256):
-            return nn.functional.dropout(x, self.p, True)
-        n = x.numel()
-        words = torch.randint(-(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=x.device)
-        keep = words.view(torch.uint8)[:n].view(x.shape) >= self.threshold
-        return x * keep * (256.0 / (256 - self.threshold))
+        y, c = self.unscaled(x)
+        return y if c == 1.0 else y.mul_(c)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer with a shared LoRA branch and optional per-task LoRA branches.
+    """A frozen linear layer with a shared LoRA branch and optional task branches, applied per stream.
 
     Args:
         base: the pretrained ``nn.Linear`` (kept as ``self.base``; its parameters stay where the backbone had them).
         r: rank of the shared branch (0 disables it).
         scale: raw multiplier ``s`` of the shared branch.
-        dropout: dropout probability on the LoRA input.
-        task_ranks: ``{task: rank}`` of task-specific branches (TS-LoRA), or None.
+        dropout: dropout probability on the shared branch's input.
+        task_ranks: ``{task: rank}`` of task-specific branches (``task_mode="own"``), or None.
         task_scale: multiplier of the task branches (MTLoRA uses the shared scale for them).
 
-    Shapes: input ``[..., in_features]``, output ``[..., out_features]``.
+    Attributes:
+        task_mode: ``"none"`` (task streams get the shared formula) | ``"own"`` (per-task ``A_t, B_t``) |
+            ``"shared_ab"`` (the shared ``A, B`` with ``task_mid`` between them).
+        task_mid: callable ``[T*M, ..., r] -> [T*M, ..., r]`` on the task streams' down-projections (run under the
+            tasks-only :class:`mtbench.streams.StreamLayout`); not registered as a submodule, the method owns it.
+
+    Shapes: input ``[S*M, ..., in_features]`` stacked per :func:`mtbench.streams.current_layout`, output
+    ``[S*M, ..., out_features]``.
 
     Raises:
         MtbenchError: a negative rank.
@@ -102,6 +127,9 @@ class LoRALinear(nn.Module):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             self.task_A[task] = a
             self.task_B[task] = nn.Parameter(torch.zeros(self.out_features, int(rt)))
+        self.task_mode = "own" if task_ranks else "none"
+        self.__dict__["task_mid"] = None
+        self.__dict__["_unmerged_weight"] = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -114,6 +142,12 @@ class LoRALinear(nn.Module):
     @property
     def tasks(self) -> list[str]:
         return list(self.task_A.keys())
+
+    def set_task_mid(self, mid) -> None:
+        """Task streams use the shared ``A, B`` with ``mid`` between them (TADFormer's TA-module); ``mid`` None
+        = nothing between them."""
+        self.task_mode = "shared_ab"
+        self.__dict__["task_mid"] = mid
 
     def lora_parameters(self) -> list[nn.Parameter]:
         """The parameters this wrapper adds (shared and task branches), not the base layer's."""
@@ -134,19 +168,126 @@ class LoRALinear(nn.Module):
             return x.new_zeros(*x.shape[:-1], self.out_features)
         return self.up(self.down(x))
 
+    def _shared_forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``W x + b + s · B A dropout(x)`` with the dropout scale and ``s`` folded into one ``addmm``; ``out``:
+        ``W x + b`` when already computed."""
+        out = self.base(x) if out is None else out
+        if self.r == 0:
+            return out
+        d, c = self.lora_dropout.unscaled(x) if isinstance(self.lora_dropout, LoRADropout) else (x, 1.0)
+        z = d.reshape(-1, self.in_features) @ self.lora_A.t()
+        out2 = torch.addmm(out.reshape(-1, self.out_features), z, self.lora_B.t(), alpha=self.scale * c)
+        return out2.view(out.shape)
+
     def task_delta(self, x: torch.Tensor, task: str) -> torch.Tensor:
-        """Task-specific update ``s_t · B_t A_t dropout(x)`` (TS-LoRA)."""
-        return (self.lora_dropout(x) @ self.task_A[task].t() @ self.task_B[task].t()) * self.task_scale
+        """Task ``task``'s update ``s_t · B_t A_t x`` (``task_mode="own"``; no dropout, as the official code)."""
+        return (x @ self.task_A[task].t() @ self.task_B[task].t()) * self.task_scale
+
+    def task_deltas(self, x: torch.Tensor, tasks: tuple[str, ...]) -> torch.Tensor:
+        """Updates of the task streams ``x`` ``[T*M, ..., in]`` (tasks stacked in ``tasks`` order)."""
+        layout = StreamLayout(tasks, 0)
+        if self.task_mode == "own":
+            return per_stream(x, lambda t, part: self.task_delta(part, t), layout)
+        z = x @ self.lora_A.t()
+        if self.task_mid is not None:
+            with stream_layout(layout):
+                z = self.task_mid(z)
+        return self.up(z)
+
+    @property
+    def merged(self) -> bool:
+        return self._unmerged_weight is not None
+
+    @torch.no_grad()
+    def merge(self) -> bool:
+        """Fold the shared branch into the frozen weight, ``W <- W + s B A``, for inference (eval mode only).
+
+        Only layers whose task streams do not use the shared weight differently (``task_mode="none"``) are merged:
+        in MTLoRA's "matrix" mode a task stream adds no shared LoRA term. Returns whether the layer was merged.
+        """
+        if self.merged or self.r == 0 or self.task_mode != "none":
+            return False
+        self.__dict__["_unmerged_weight"] = self.base.weight.detach().clone()
+        self.base.weight.add_((self.lora_B @ self.lora_A) * self.scale)
+        return True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the frozen weight bit-exactly (the pre-merge copy)."""
+        if self.merged:
+            self.base.weight.copy_(self._unmerged_weight)
+            self.__dict__["_unmerged_weight"] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Shared output ``W x + b + s · B A dropout(x)``."""
-        out = self.base(x)
+        """``W x + b + s · B A dropout(x)`` on a single stream; per stream (class docstring) on stacked streams.
+
+        Raises:
+            MtbenchError: a merged layer in training mode (its LoRA would get no gradient).
+        """
+        if self.merged:
+            if self.training:
+                raise MtbenchError("a merged LoRA layer cannot train; call unmerge() first")
+            return self.base(x)
+        layout = current_layout()
+        if layout is None or layout.names == (SHARED,) or self.task_mode == "none":
+            return self._shared_forward(x)
+        S = layout.size
+        xs = split_streams(x, S)
+        if layout.has_shared:
+            if layout.names[0] != SHARED:
+                raise MtbenchError(f"the shared stream must come first, got {layout.names}")
+            base = self.base(xs[0])
+            shared = self._shared_forward(xs[0], base)
+            tasks = split_streams(self.task_deltas(x[xs.shape[1]:], layout.tasks), S - 1) + base
+            return torch.cat([shared.unsqueeze(0), tasks]).view(*x.shape[:-1], self.out_features)
+        return self.base(x) + self.task_deltas(x, layout.tasks)
+
+    def split_forward(self, x: torch.Tensor, skip_rows: int, make_task_inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer at a split point: shared stream and task streams from one shared input (MTLoRA and TADFormer
+        ``proj`` in the last block of each stage).
+
+        One dropout mask: the task inputs are ``make_task_inputs(dropout(x)[:, skip_rows:])`` (official MTLoRA
+        ``models/lora.py``, official TADFormer ``models/lora.py``: the TPC reads the dropped-out input).
+
+        Args:
+            x: shared input ``[M, L, in]``.
+            skip_rows: leading rows of dim 1 (prompt tokens) that only the shared stream keeps.
+            make_task_inputs: ``[M, L - skip_rows, in] -> [T*M, L - skip_rows, in]``.
+
+        Returns:
+            ``(shared output [M, L, out], task outputs [T*M, L - skip_rows, out])``.
+        """
+        layout = current_layout()
+        base = self.base(x)
         if self.r > 0:
-            out = out + self.delta(x)
-        return out
+            d = self.lora_dropout(x)
+            shared = base + self.up(d @ self.lora_A.t())
+        else:
+            d, shared = x, base
+        task_in = make_task_inputs(d[:, skip_rows:])
+        if self.task_mode == "none":
+            task = self.base(task_in) + (self.up(task_in @ self.lora_A.t()) if self.r > 0 else 0)
+            return shared, task
+        delta = self.task_deltas(task_in, layout.tasks)
+        T = len(layout.tasks)
+        return shared, (split_streams(delta, T) + base[:, skip_rows:]).view(delta.shape)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale}, tasks={self.tasks}"
+        return (f"in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale}, "
+                f"task_mode={self.task_mode}, tasks={self.tasks}")
+
+
+@contextmanager
+def merged_lora(model: nn.Module) -> Iterator[int]:
+    """Merge every :class:`LoRALinear` of ``model`` for the ``with`` block (evaluation and inference timing), then
+    restore the frozen weights exactly. Yields the number of merged layers."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    n = sum(layer.merge() for layer in layers)
+    try:
+        yield n
+    finally:
+        for layer in layers:
+            layer.unmerge()
 
 
 def inject_lora(

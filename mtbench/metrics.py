@@ -18,7 +18,7 @@ sal            ``mIoU``, ``maxF``, ``maxF_beta`` (β² = 0.3, pooled)    percent
 normals        ``mErr``, ``rmse``, ``median``, ``11.25``, ``22.5``,    degrees; the last three percent of pixels
                ``30``
 depth          ``rmse``, ``log_rmse``, ``abs_rel``                     metres; log-metres; ratio
-edge           ``maxF`` (pixel-exact proxy, percent), ``loss``          see :class:`EdgeMetric`
+edge           ``pixel_maxF`` (pixel-exact proxy, percent), ``loss``    see :class:`EdgeMetric`
 =============  =====================================================  ==========================================
 
 When no valid pixel was seen, ``compute`` returns NaN for every key.
@@ -483,16 +483,17 @@ class DepthMetric(TaskMetric):
 
 
 class EdgeMetric(TaskMetric):
-    """A cheap proxy for edge detection: pixel-pooled maxF without boundary tolerance, plus the balanced BCE.
+    """A cheap proxy for edge detection: pixel-pooled F (``pixel_maxF``, not ODS-F), no boundary tolerance, plus
+    the balanced BCE.
 
     The probability is ``sigmoid(logit)``; a pixel is predicted as edge at threshold ``τ`` when ``prob > τ``; the
     ground truth is ``target > 0.5``; pixels labelled ``ignore_index`` are excluded. TP/FP/FN are summed over the
     whole split per ``τ`` in :data:`EDGE_THRESHOLDS` (``linspace(0.05, 0.95, 19)``); ``P = TP/(TP+FP)``,
-    ``R = TP/(TP+FN)``, ``F = 2PR/(P+R)``; ``maxF = max_τ F`` in percent.
+    ``R = TP/(TP+FN)``, ``F = 2PR/(P+R)``; ``pixel_maxF = max_τ F`` in percent.
 
     **This is not the ODS-F of the edge literature** (SEISM / BSDS benchmark), which matches predicted and true
     boundary pixels within a distance tolerance after non-maximum suppression; exact pixel matching gives much
-    lower numbers, so do not compare ``maxF`` with published edge scores.
+    lower numbers, so do not compare ``pixel_maxF`` with published edge scores.
 
     ``loss`` is the balanced BCE of :class:`mtbench.losses.BalancedBCELoss` with positive weight 0.95, pooled over
     all valid pixels of the split (nats per pixel, lower is better). It is what MTLoRA's ``evaluation/eval_edge.py``
@@ -555,14 +556,14 @@ class EdgeMetric(TaskMetric):
         self.n += int(x.numel())
 
     def compute(self) -> dict[str, float]:
-        """``{"maxF"}`` in percent and ``{"loss"}`` in nats per valid pixel (NaN if no valid pixel was seen)."""
+        """``{"pixel_maxF"}`` in percent and ``{"loss"}`` in nats per valid pixel (NaN if no valid pixel was seen)."""
         if self.n == 0:
-            return {"maxF": _NAN, "loss": _NAN}
+            return {"pixel_maxF": _NAN, "loss": _NAN}
         tp, fp, fn = self.tp.double(), self.fp.double(), self.fn.double()
         prec = torch.where(tp + fp > 0, tp / (tp + fp).clamp(min=1), torch.zeros_like(tp))
         rec = torch.where(tp + fn > 0, tp / (tp + fn).clamp(min=1), torch.zeros_like(tp))
         f = torch.where(prec + rec > 0, 2 * prec * rec / (prec + rec).clamp(min=1e-300), torch.zeros_like(tp))
-        return {"maxF": 100.0 * float(f.max()), "loss": self.loss_sum / self.n}
+        return {"pixel_maxF": 100.0 * float(f.max()), "loss": self.loss_sum / self.n}
 
 
 def build_metric(task: TaskSpec) -> TaskMetric:
@@ -644,7 +645,7 @@ def primary_metrics(
         tasks: TaskSpecs or task names.
 
     Returns:
-        ``{task: value}`` (semseg/human_parts/sal ``mIoU``, normals ``mErr``, depth ``rmse``, edge ``maxF``).
+        ``{task: value}`` (semseg/human_parts/sal ``mIoU``, normals ``mErr``, depth ``rmse``, edge ``pixel_maxF``).
 
     Raises:
         MtbenchError: a task without a primary metric, or missing from ``metrics``.

@@ -6,6 +6,12 @@ config), *declares* what is trainable (:meth:`MultiTaskModel.add_method_params` 
 structural: :meth:`MultiTaskModel.apply_trainability` freezes every parameter and unfreezes exactly the declared
 ones, so no parameter is ever selected by a substring of its name. The counting (#TP and its breakdown) lives in
 :mod:`mtbench.measure`.
+
+The encoder side is the core's loop (:mod:`mtbench.encoder`, whose docstring says how to write a method): a method
+extends it with block extensions, a stream plan, prompt hooks and wrapped linears. The decoder side is per-task neck
+-> interaction stage -> per-task head (:mod:`mtbench.decoders`); ``forward(images, return_aux=True)`` also returns
+the auxiliary losses of the encoder hooks and the interaction stage, which the training loss adds with the weights
+in :attr:`MultiTaskModel.aux_loss_weights` (recorded in the result file).
 """
 
 from __future__ import annotations
@@ -15,27 +21,33 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from mtbench.decoders import HRNetHead
+from mtbench.decoders import resolve_decoder
+from mtbench.encoder import BlockExtension, EncoderHooks, StreamPlan, encode
 from mtbench.errors import MtbenchError
 from mtbench.swin import SwinBackbone
 from mtbench.tasks import TaskSpec
 
 
-class MultiTaskModel(nn.Module):
+class MultiTaskModel(EncoderHooks, nn.Module):
     """Base class of every method's model.
 
     Args:
         backbone: the shared Swin backbone (methods that need several copies, e.g. ``single_task``, deep-copy it).
         tasks: the task specs, in order.
-        decoder_channels: widths of the HRNet head's 1x1 reducers (default MTLoRA's 18/36/72/144).
+        decoder: a key of :data:`mtbench.decoders.DECODERS`, or None for the backbone's default.
 
     Attributes:
         backbone: :class:`mtbench.swin.SwinBackbone` or None when the method keeps its own copies.
-        decoders: ``nn.ModuleDict`` task -> :class:`mtbench.decoders.HRNetHead`.
+        decoders: ``nn.ModuleDict`` task -> that task's neck + head (``neck(feats)``, ``head(reduced, size)``).
+        interaction: the decoder's interaction stage over all tasks (identity by default).
+        decoder_name: the decoder's registry key.
+        stream_plan: :class:`mtbench.encoder.StreamPlan` (default: one shared stream).
+        block_extensions: ``{"<stage>_<index>": ModuleList of BlockExtension}``.
+        aux_loss_weights: ``{name: weight}`` of auxiliary losses (missing names weigh 1.0).
         task_names: list of task names.
     """
 
-    def __init__(self, backbone: SwinBackbone, tasks: Sequence[TaskSpec], decoder_channels=None):
+    def __init__(self, backbone: SwinBackbone, tasks: Sequence[TaskSpec], decoder: str | None = None):
         super().__init__()
         if not tasks:
             raise MtbenchError("at least one task is required")
@@ -43,13 +55,48 @@ class MultiTaskModel(nn.Module):
         self.task_names = [t.name for t in tasks]
         self.backbone = backbone
         self.img_size = backbone.img_size
-        kw = {"hidden_ratio": backbone.decoder_hidden_ratio}
-        if decoder_channels is not None:
-            kw["channels"] = tuple(decoder_channels)
-        self.decoders = nn.ModuleDict(
-            {t.name: HRNetHead(backbone.feature_dims, t.out_channels, **kw) for t in tasks})
+        self.stream_plan = StreamPlan()
+        self.block_extensions = nn.ModuleDict()
+        self.aux_loss_weights: dict[str, float] = {}
+        self.set_decoder(decoder)
         self._method_param_ids: set[int] = set()
         self._unfrozen_roles: set[str] = set()
+
+    def set_decoder(self, name: str | None) -> None:
+        """(Re)build the decoders from the registry (:func:`mtbench.decoders.resolve_decoder`).
+
+        Raises:
+            MtbenchError: unknown decoder name.
+        """
+        spec = resolve_decoder(name, self.backbone.name if self.backbone is not None else "")
+        dims = self.backbones()[0].feature_dims if self.backbone is None else self.backbone.feature_dims
+        self.decoder_name = spec.name
+        self.decoders = nn.ModuleDict({t.name: spec.make_task(dims, t.out_channels) for t in self.tasks})
+        self.interaction = spec.make_interaction(self.task_names, spec.neck_channels)
+
+    # ------------------------------------------------------------------ encoder seams
+    def extend(self, stage: int, index: int, extension: BlockExtension) -> BlockExtension:
+        """Attach ``extension`` to block ``index`` of ``stage`` (after any attached before it)."""
+        key = f"{stage}_{index}"
+        if key not in self.block_extensions:
+            self.block_extensions[key] = nn.ModuleList()
+        self.block_extensions[key].append(extension)
+        return extension
+
+    def extend_blocks(self, make) -> list[BlockExtension]:
+        """``make(stage, index, block) -> BlockExtension | None`` for every block; attaches and returns the
+        extensions made (declare them with :meth:`add_method_params`)."""
+        made = []
+        for i in range(self.backbone.num_stages):
+            for j, block in enumerate(self.backbone.blocks(i)):
+                ext = make(i, j, block)
+                if ext is not None:
+                    made.append(self.extend(i, j, ext))
+        return made
+
+    def extensions_at(self, stage: int, index: int) -> list[BlockExtension]:
+        mods = self.block_extensions[f"{stage}_{index}"] if f"{stage}_{index}" in self.block_extensions else None
+        return list(mods) if mods is not None else []
 
     # ------------------------------------------------------------------ declaration of what trains
     def add_method_params(self, params: Iterable[nn.Parameter] | nn.Module) -> None:
@@ -87,7 +134,8 @@ class MultiTaskModel(nn.Module):
         Raises:
             MtbenchError: a parameter that belongs to no category (a method forgot to declare it).
         """
-        self._decoder_ids = {id(p) for p in self.decoders.parameters()}
+        self._decoder_ids = {id(p) for p in self.decoders.parameters()} | {
+            id(p) for p in self.interaction.parameters()}
         self._backbone_list = self.backbones()
         for p in self.parameters():
             cat, role = self.param_category(p)
@@ -98,7 +146,7 @@ class MultiTaskModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def encode(self, images: torch.Tensor) -> dict[str, list[torch.Tensor]]:
-        """Per-task multi-scale features. Default: the shared backbone's taps for every task.
+        """Per-task multi-scale features from the core loop (:func:`mtbench.encoder.encode`).
 
         Args:
             images: ``[B,3,H,W]``.
@@ -106,8 +154,9 @@ class MultiTaskModel(nn.Module):
         Returns:
             ``{task: [4 NCHW maps]}`` matching ``backbone.feature_dims``.
         """
-        feats = self.backbone(images)
-        return {t: feats for t in self.task_names}
+        feats, aux = encode(self, images)
+        self._encoder_aux = aux
+        return feats
 
     def check_input(self, images: torch.Tensor) -> None:
         if images.ndim != 4 or images.shape[1] != 3:
@@ -116,22 +165,30 @@ class MultiTaskModel(nn.Module):
             raise MtbenchError(f"images must be {self.img_size[0]}x{self.img_size[1]} for this backbone, got "
                                f"{images.shape[-2]}x{images.shape[-1]}")
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Dense predictions.
+    def forward(self, images: torch.Tensor, return_aux: bool = False):
+        """Dense predictions: encoder -> per-task neck -> interaction -> per-task head.
 
         Args:
             images: ``[B,3,H,W]`` normalised images at the backbone's input size.
+            return_aux: also return the auxiliary losses ``{name: scalar}`` (encoder hooks and interaction stage).
 
         Returns:
-            ``{task: [B, C_task, H, W]}`` (logits for segmentation/sal/edge, raw normals, depth in metres).
+            ``{task: [B, C_task, H, W]}`` (logits for segmentation/sal/edge, raw normals, depth in metres), or
+            ``(predictions, aux_losses)`` with ``return_aux``.
 
         Raises:
             MtbenchError: wrong input shape.
         """
         self.check_input(images)
+        self._encoder_aux = {}
         feats = self.encode(images)
         size = tuple(images.shape[-2:])
-        return {t: self.decoders[t](feats[t], size) for t in self.task_names}
+        reduced = {t: self.decoders[t].neck(feats[t]) for t in self.task_names}
+        reduced, aux = self.interaction(reduced)
+        preds = {t: self.decoders[t].head(reduced[t], size) for t in self.task_names}
+        if not return_aux:
+            return preds
+        return preds, {**self._encoder_aux, **aux}
 
 
 def nhwc_to_nchw(xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -164,14 +164,20 @@ def resolve_spec(spec: MethodSpec) -> ResolvedMethod:
     return ResolvedMethod(info, variant, cfg, spec)
 
 
-def build_model(resolved: ResolvedMethod, backbone, tasks):
+def build_model(resolved: ResolvedMethod, backbone, tasks, decoder: str | None = None):
     """Instantiate the method's model and apply its structural freezing.
 
     Args:
         resolved: from :func:`resolve_spec`.
         backbone: :class:`mtbench.swin.SwinBackbone` (modified in place by methods that inject modules).
         tasks: list of :class:`mtbench.tasks.TaskSpec`.
+        decoder: a key of :data:`mtbench.decoders.DECODERS`; None = the backbone's default.
+
+    Raises:
+        MtbenchError: unknown decoder.
     """
     model = resolved.info.model_cls(backbone, tasks, resolved.config)
+    if decoder is not None and decoder != model.decoder_name:
+        model.set_decoder(decoder)
     model.apply_trainability()
     return model

@@ -46,6 +46,9 @@ class RunInfo(BaseModel):
     git_commit: str | None = None
     git_dirty: bool | None = None
     command: str | None = None
+    decoder: str | None = Field(default=None, description="decoder registry key (mtbench.decoders); None in files "
+                                "written before the decoder registry (= the backbone's default)")
+    aux_loss_weights: dict[str, float] = Field(default_factory=dict, description="weights of auxiliary losses")
 
 
 class TrainInfo(BaseModel):

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from mtbench.config import parse_method_specs
+from mtbench.decoders import resolve_decoder
 from mtbench.errors import MtbenchError
 from mtbench.identity import RunIdentity, make_identity
 from mtbench.measure import count_params
@@ -160,6 +161,8 @@ def plan(req: RunRequest) -> tuple[list[TaskSpec], list[PlannedRun], TrainConfig
         raise MtbenchError(f"--seeds lists a seed twice: {','.join(map(str, seeds))}")
     if req.checkpoint_minutes < 0:
         raise MtbenchError(f"--checkpoint-minutes must be >= 0, got {req.checkpoint_minutes}")
+    backbone = get_dataset(req.dataset).backbone
+    req.decoder = resolve_decoder(req.decoder, backbone).name  # validates the name before anything runs
     runs = []
     for spec in parse_method_specs(req.methods):
         rm = resolve_spec(spec)
@@ -252,7 +255,7 @@ def run_one(req: RunRequest, tasks: list[TaskSpec], planned: PlannedRun, recipe:
         backbone_name = get_dataset(req.dataset).backbone
         init = req.weights or req.init
         backbone = create_backbone(backbone_name, pretrained=(req.init == "pretrained"), weights=req.weights)
-        model = build_model(planned.method, backbone, tasks)
+        model = build_model(planned.method, backbone, tasks, decoder=req.decoder)
         params = count_params(model)
         references, ref_source = load_references(req.dataset)
         train_set, val_set, test_set = datasets
@@ -283,7 +286,8 @@ def run_one(req: RunRequest, tasks: list[TaskSpec], planned: PlannedRun, recipe:
                     label=planned.identity.label() if planned.identity else rm.label, options=rm.config.to_dict(),
                     dataset=req.dataset, tasks=[t.name for t in tasks], seed=seed, backbone=backbone_name,
                     init=str(init), preset=req.preset, created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                    git_commit=commit, git_dirty=dirty, command=req.command),
+                    git_commit=commit, git_dirty=dirty, command=req.command, decoder=model.decoder_name,
+                    aux_loss_weights=dict(model.aux_loss_weights)),
         train=TrainInfo(recipe=recipe_dict(recipe), best_epoch=fitted.best_epoch, selection=fitted.selection,
                         history=fitted.history, train_time_s=round(fitted.train_time_s, 2),
                         images_per_s=round(fitted.images_per_s, 2), device=str(device), resumes=fitted.resumes,
@@ -400,7 +404,7 @@ def load_trained(result_file: str | Path, state_file: str | Path | None = None):
     torch.manual_seed(result.run.seed)  # a random-init backbone is rebuilt exactly as run_one built it
     backbone = create_backbone(result.run.backbone, pretrained=(init == "pretrained"),
                                weights=None if init in ("pretrained", "random") else init)
-    model = build_model(rm, backbone, resolve_tasks(result.run.dataset, result.run.tasks))
+    model = build_model(rm, backbone, resolve_tasks(result.run.dataset, result.run.tasks), decoder=result.run.decoder)
     try:
         state = load_file(str(ckpt))
     except Exception as e:

@@ -37,13 +37,11 @@ EMBEDDED_WEIGHTS = ASSET_DIR / "swin_embedded.safetensors"
 #: Architecture of the embedded small Swin (same structure as Swin-T, scaled down for 64x64 inputs).
 EMBEDDED_SWIN_ARGS = dict(patch_size=4, embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4)
 
-#: Backbone name -> (timm model name or None, default input size, default stochastic-depth rate, decoder hidden
-#: ratio). The decoder's hidden 1x1 conv is ``ratio x 270`` wide: 4 (1080) is MTLoRA's head used in the papers'
-#: setting; the embedded setting uses Vandenhende et al.'s original 270-wide HRNet head (ratio 1), because the
-#: 1080-wide head costs 3x the small backbone's compute on a CPU. Either way every method gets the same decoder.
+#: Backbone name -> (timm model name or None, default input size, default stochastic-depth rate). The decoder is
+#: chosen separately (:mod:`mtbench.decoders`, ``--decoder``).
 BACKBONES = {
-    "swin_tiny_patch4_window7_224": ("swin_tiny_patch4_window7_224", 448, 0.2, 4),
-    "swin_embedded": (None, 64, 0.0, 1),
+    "swin_tiny_patch4_window7_224": ("swin_tiny_patch4_window7_224", 448, 0.2),
+    "swin_embedded": (None, 64, 0.0),
 }
 
 #: Structural role of each backbone parameter, used for freezing and the #TP breakdown.
@@ -80,7 +78,6 @@ class SwinBackbone(nn.Module):
         self.feature_dims.append(self.stage_dims[-1])
         self.patch_size = int(model.patch_embed.patch_size[0])
         self.name = "swin"
-        self.decoder_hidden_ratio = 4
         self.img_size = tuple(int(v) for v in model.patch_embed.img_size)
         roles: dict[str, str] = {}
         for mod_name, mod in self.named_modules():
@@ -130,11 +127,11 @@ class SwinBackbone(nn.Module):
     def blocks(self, stage: int) -> nn.Sequential:
         return self.stages[stage].blocks
 
-    def merge(self, stage: int, x: torch.Tensor) -> torch.Tensor:
-        """The MTLoRA tap of ``stage``: PatchMerging into the next stage, or identity for the last stage.
+    def tap(self, stage: int, x: torch.Tensor) -> torch.Tensor:
+        """The MTLoRA feature tap of ``stage``: PatchMerging into the next stage, or identity for the last stage.
 
         Args:
-            x: NHWC ``[B,H,W,C]`` output of stage ``stage``'s blocks.
+            x: NHWC ``[B,H,W,C]`` output of stage ``stage``'s blocks (``B`` may hold stacked task streams).
 
         Returns:
             NHWC ``[B,H/2,W/2,2C]`` (or ``x`` for the last stage).
@@ -148,7 +145,7 @@ class SwinBackbone(nn.Module):
         return self.patch_embed(images)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Shared multi-scale features.
+        """Shared multi-scale features (the core loop :func:`mtbench.encoder.encode` with no method hooks).
 
         Args:
             images: ``[B,3,H,W]`` normalised images; ``H, W`` must equal the backbone's ``img_size``.
@@ -156,14 +153,10 @@ class SwinBackbone(nn.Module):
         Returns:
             Four NCHW tensors ``[B, feature_dims[i], H/s_i, W/s_i]`` with ``s = p*(2,4,8,8)``.
         """
-        x = self.embed(images)
-        feats = []
-        for i in range(self.num_stages):
-            x = self.blocks(i)(x)
-            tap = self.merge(i, x)
-            feats.append(tap)
-            x = tap
-        return [f.permute(0, 3, 1, 2).contiguous() for f in feats]
+        from mtbench.encoder import PlainClient, encode
+
+        feats, _ = encode(PlainClient(self), images)
+        return feats[PlainClient.TASK]
 
 
 def _is_merge_reduction(backbone: nn.Module, mod_name: str, merge_cls) -> bool:
@@ -199,7 +192,7 @@ def create_backbone(
 
     if name not in BACKBONES:
         raise MtbenchError(f"unknown backbone {name!r}; valid: {', '.join(BACKBONES)}")
-    timm_name, default_size, default_dpr, hidden_ratio = BACKBONES[name]
+    timm_name, default_size, default_dpr = BACKBONES[name]
     size = int(img_size or default_size)
     dpr = default_dpr if drop_path_rate is None else float(drop_path_rate)
     if weights is not None and not Path(weights).is_file():
@@ -224,7 +217,6 @@ def create_backbone(
     model.head = nn.Identity()
     backbone = SwinBackbone(model)
     backbone.name = name
-    backbone.decoder_hidden_ratio = hidden_ratio
     return backbone
 
 
@@ -280,6 +272,15 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def relative_position_bias(attn: nn.Module) -> torch.Tensor:
+    """The window's relative-position bias ``[1, heads, N, N]`` (Swin §3.2, Eq. 4) from a timm ``WindowAttention``'s
+    public ``relative_position_bias_table`` ``[(2wh-1)(2ww-1), heads]`` and ``relative_position_index`` ``[N, N]``;
+    equals timm's private ``WindowAttention._get_rel_pos_bias`` (tested)."""
+    N = attn.relative_position_index.shape[0]
+    bias = attn.relative_position_bias_table[attn.relative_position_index.reshape(-1)].view(N, N, -1)
+    return bias.permute(2, 0, 1).contiguous().unsqueeze(0)
+
+
 @dataclass
 class WindowContext:
     """Geometry needed to undo :func:`partition_windows`."""
@@ -302,8 +303,6 @@ def partition_windows(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, 
     Returns:
         ``([B*nW, wh*ww, C], ctx)``; windows of image ``b`` occupy rows ``b*nW .. (b+1)*nW-1``.
     """
-    from timm.models.swin_transformer import window_partition
-
     B, H, W, C = x.shape
     wh, ww = block.window_size
     if any(block.shift_size):
@@ -311,17 +310,16 @@ def partition_windows(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, 
     pad_h, pad_w = (wh - H % wh) % wh, (ww - W % ww) % ww
     x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
     Hp, Wp = H + pad_h, W + pad_w
-    windows = window_partition(x, (wh, ww)).view(-1, wh * ww, C)
+    windows = x.view(B, Hp // wh, wh, Wp // ww, ww, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, wh * ww, C)
     return windows, WindowContext(B, H, W, Hp, Wp, (Hp // wh) * (Wp // ww))
 
 
 def reverse_windows(block: nn.Module, windows: torch.Tensor, ctx: WindowContext) -> torch.Tensor:
     """Inverse of :func:`partition_windows`: ``[B*nW, wh*ww, C]`` -> NHWC ``[B,H,W,C]``."""
-    from timm.models.swin_transformer import window_reverse
-
     wh, ww = block.window_size
     C = windows.shape[-1]
-    x = window_reverse(windows.reshape(-1, wh, ww, C), (wh, ww), ctx.padded_height, ctx.padded_width)
+    Hp, Wp = ctx.padded_height, ctx.padded_width
+    x = windows.reshape(-1, Hp // wh, Wp // ww, wh, ww, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, Hp, Wp, C)
     x = x[:, : ctx.height, : ctx.width, :]
     if any(block.shift_size):
         x = torch.roll(x, shifts=tuple(block.shift_size), dims=(1, 2))
@@ -379,7 +377,7 @@ def window_attention(
     heads = attn.num_heads
     qkv = attn.qkv(windows).reshape(B_, L, 3, heads, -1).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
-    bias = attn._get_rel_pos_bias()  # [1, heads, N, N]
+    bias = relative_position_bias(attn)  # [1, heads, N, N]
     if P:
         bias = F.pad(bias, (P, 0, P, 0))
     if mask is not None:

@@ -136,7 +136,7 @@ for _k in (
     TaskKind("sal", "mIoU", True, 5.0, 1, _bce_loss(None), _metric("SaliencyMetric")),
     TaskKind("normals", "mErr", False, 10.0, 3, _normals_loss, _metric("NormalsMetric")),
     TaskKind("depth", "rmse", False, 1.0, 1, _depth_loss, _metric("DepthMetric")),
-    TaskKind("edge", "maxF", True, 50.0, 1, _bce_loss("edge"), _metric("EdgeMetric")),
+    TaskKind("edge", "pixel_maxF", True, 50.0, 1, _bce_loss("edge"), _metric("EdgeMetric")),
 ):
     register_task(_k)
 

@@ -201,22 +201,24 @@ def evaluate(model: nn.Module, loader: DataLoader, tasks: list[TaskSpec], device
         ``({task: {metric: value}}, mean weighted loss per batch)``.
     """
     from mtbench import distributed
+    from mtbench.lora import merged_lora
 
     model.eval()
     metrics = MultiTaskMetrics(tasks)
     criterion = MultiTaskLoss(tasks)
     total, batches = 0.0, 0
-    for batch in loader:
-        batch = move_batch(batch, device)
-        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
-            preds = model(batch["image"])
-        preds = {k: v.float() for k, v in preds.items()}
-        if match_target_size:
-            preds = resize_to_targets(preds, batch)
-        loss, _ = criterion(preds, batch)
-        total += float(loss)
-        batches += 1
-        metrics.update(preds, batch)
+    with merged_lora(model):  # shared LoRA folded into the frozen weights; restored exactly afterwards
+        for batch in loader:
+            batch = move_batch(batch, device)
+            with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+                preds = model(batch["image"])
+            preds = {k: v.float() for k, v in preds.items()}
+            if match_target_size:
+                preds = resize_to_targets(preds, batch)
+            loss, _ = criterion(preds, batch)
+            total += float(loss)
+            batches += 1
+            metrics.update(preds, batch)
     if distributed.is_distributed():
         total, batches = distributed.reduce_metric_states(metrics, [total, float(batches)])
     return metrics.compute(), total / max(batches, 1)
@@ -426,8 +428,11 @@ def fit(
                 schedule_step(scheduler, step)
                 batch = move_batch(batch, device)
                 with torch.autocast(device.type, enabled=use_amp):
-                    preds = net(batch["image"])
+                    preds, aux = net(batch["image"], return_aux=True)
                 loss, _ = criterion({k: v.float() for k, v in preds.items()}, batch)
+                if aux:  # auxiliary losses of the encoder hooks / interaction stage, weights recorded in the result
+                    weights = getattr(model, "aux_loss_weights", {})
+                    loss = loss + sum(weights.get(k, 1.0) * v.float() for k, v in aux.items())
                 if not torch.isfinite(loss.detach()):
                     raise MtbenchError(f"training diverged: loss is {float(loss.detach())} at epoch {epoch}, step "
                                        f"{step}; lower the learning rate (--lr)")

@@ -27,6 +27,7 @@ def files_under(path: Path) -> list[Path]:
     (["--methods", "lora", "--weights", "/nonexistent/swin.pth"], "weights file not found"),
     (["--methods", "mtlora:rank=4"], "no option 'rank'"),
     (["--methods", "lora", "--device", "tpu"], "unknown device 'tpu'"),
+    (["--methods", "lora", "--decoder", "nope"], "unknown decoder 'nope'; valid: mtlora_hrnet, hrnet_270"),
 ])
 def test_run_bad_input_is_one_line_exit_2(tmp_path, args, message):
     res = mtbench("run", *args, "--results-dir", str(tmp_path / "results"))

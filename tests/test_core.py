@@ -118,6 +118,18 @@ def test_lora_linear_identity_at_init_and_task_branches():
         LoRALinear(base, r=-1)
 
 
+def _task_block(model, block, x):
+    """The last block of stage 0 run by the core with MTLoRA's split (issue 6: was ``model.task_block``)."""
+    from mtbench.encoder import BlockContext, run_block
+    from mtbench.streams import SHARED, StreamLayout, split_streams, stream_layout
+
+    ctx = BlockContext(0, 1, 2, block, StreamLayout((SHARED,), x.shape[0]), model)
+    with stream_layout(ctx.layout):
+        out, _ = run_block(block, x, ctx, model.extensions_at(0, 1), split=True)
+    parts = split_streams(out, ctx.layout.size)
+    return parts[0], {t: parts[k + 1] for k, t in enumerate(model.task_names)}
+
+
 def test_mtlora_task_streams_equal_shared_at_init():
     """With every LoRA B at zero, each task stream equals the shared stream, which equals the frozen block."""
     torch.manual_seed(0)
@@ -125,13 +137,13 @@ def test_mtlora_task_streams_equal_shared_at_init():
     bb = model.backbone
     x = bb.embed(torch.randn(2, 3, 64, 64))
     block = bb.blocks(0)[-1]
-    shared, tasks = model.task_block(block, x)
+    shared, tasks = _task_block(model, block, x)
     assert torch.allclose(shared, block(x), atol=1e-5)
     for t in model.task_names:
         assert torch.allclose(tasks[t], shared, atol=1e-5)
     with torch.no_grad():
         block.mlp.fc2.task_B["sal"].normal_()
-    _, tasks = model.task_block(block, x)
+    _, tasks = _task_block(model, block, x)
     assert not torch.allclose(tasks["sal"], shared, atol=1e-4)
     assert torch.allclose(tasks["semseg"], shared, atol=1e-5)
 

@@ -260,16 +260,16 @@ def test_depth_clamp_by_hand_two_pixels():
 def test_edge_pixel_pooled_maxf_and_loss():
     m = EdgeMetric(thresholds=(0.5,))
     m.update(torch.tensor([L, L, -L, -L, L]).reshape(1, 1, 1, 5), torch.tensor([1.0, 0, 1, 0, 255]).reshape(1, 1, 1, 5))
-    assert m.compute()["maxF"] == pytest.approx(50.0)  # TP1 FP1 FN1
+    assert m.compute()["pixel_maxF"] == pytest.approx(50.0)  # TP1 FP1 FN1
     m.update(torch.tensor([L, L]).reshape(1, 1, 1, 2), torch.tensor([1.0, 1.0]).reshape(1, 1, 1, 2))
     out = m.compute()
-    assert out["maxF"] == pytest.approx(75.0)  # pooled TP3 FP1 FN1
+    assert out["pixel_maxF"] == pytest.approx(75.0)  # pooled TP3 FP1 FN1
     sp = lambda x: math.log1p(math.exp(x))  # noqa: E731
     expected_loss = (0.95 * (sp(-L) + sp(L) + 2 * sp(-L)) + 0.05 * (sp(L) + sp(-L))) / 6
     assert out["loss"] == pytest.approx(expected_loss, rel=1e-6)
     d = build_metric(TaskSpec("edge", 1, 50.0))
     d.update(torch.tensor([L, -L]).reshape(1, 1, 1, 2), torch.tensor([1.0, 0.0]).reshape(1, 1, 1, 2))
-    assert d.compute()["maxF"] == pytest.approx(100.0)
+    assert d.compute()["pixel_maxF"] == pytest.approx(100.0)
 
 
 # ---------------------------------------------------------------- multi-task wrapper

@@ -167,6 +167,17 @@ def test_gate_mixes_equally_at_init():
     assert torch.allclose(gate(a, b), 0.5 * a + 0.5 * b)
 
 
+def _task_streams(model, block, x, prompts):
+    """Task streams of the last block of stage 0, run by the core (issue 6: was ``model.task_block(...)[2]``)."""
+    from mtbench.encoder import BlockContext, run_block
+    from mtbench.streams import SHARED, StreamLayout, stream_layout
+
+    ctx = BlockContext(0, 1, 2, block, StreamLayout((SHARED,), x.shape[0]), model, prompts)
+    with stream_layout(ctx.layout):
+        out, _ = run_block(block, x, ctx, model.extensions_at(0, 1), split=True)
+    return out[x.shape[0]:]
+
+
 def test_gate_in_model():
     torch.manual_seed(0)
     model = build("tadformer").eval()
@@ -179,7 +190,7 @@ def test_gate_in_model():
     with torch.no_grad():
         for g in (0.0, 60.0, -60.0):
             model.gates[0].g.fill_(g)
-            outs[g] = model.task_block(0, block, x, prompts)[2]
+            outs[g] = _task_streams(model, block, x, prompts)
     assert torch.allclose(outs[0.0], 0.5 * outs[60.0] + 0.5 * outs[-60.0], atol=1e-5)
     assert not torch.allclose(outs[60.0], outs[-60.0])
 
@@ -192,9 +203,14 @@ def test_shared_stream_matches_prompted_block(update):
     x = torch.randn(2, 32, 32, 32)
     prompts = torch.randn(2, len(NAMES), 32)
     block = bb.blocks(0)[-1]
-    with torch.no_grad():
+    from mtbench.encoder import BlockContext, run_block
+    from mtbench.streams import SHARED, StreamLayout, split_streams, stream_layout
+
+    ctx = BlockContext(0, 1, 2, block, StreamLayout((SHARED,), 2), model, prompts)  # was model.task_block (issue 6)
+    with torch.no_grad(), stream_layout(ctx.layout):
         x_ref, p_ref = prompted_block(block, x, prompts, prompt_residual=update == "vpt")
-        x_out, p_out, _ = model.task_block(0, block, x, prompts)
+        x_all, p_out = run_block(block, x, ctx, model.extensions_at(0, 1), split=True)
+        x_out = split_streams(x_all, ctx.layout.size)[0]
     assert torch.allclose(x_out, x_ref, atol=1e-5)
     assert torch.allclose(p_out, p_ref, atol=1e-5)
 

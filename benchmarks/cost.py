@@ -1,0 +1,119 @@
+"""Training-step and inference cost of methods relative to ``mtl_full``, measured side by side in one process.
+
+Setting (issue 6): Swin-T at 448x448, PASCAL-Context's 4 tasks, random weights, CPU with ``--threads`` threads (2);
+training step = forward + backward at batch 2 (the optimiser step is left out: it is the same AdamW for all),
+inference = eval-mode forward at batch 1 under ``no_grad`` (with the shared LoRA merged where the code supports it:
+``mtbench.lora.merged_lora``). Rounds are interleaved (each round times every method once, in order) and the median
+of the rounds is reported, so that a busy machine slows every method alike.
+
+Training memory = bytes autograd saves for backward during the step (unique storages, via
+``torch.autograd.graph.saved_tensors_hooks``) plus the gradients of the trainable parameters: the part of the peak
+that depends on the method (the frozen weights are the same for all). Deterministic, unlike process RSS.
+
+Run from a checkout root: ``PYTHONPATH=$PWD python benchmarks/cost.py`` (``--methods``, ``--rounds``, ``--size``
+for a quicker look). The same script runs on older checkouts (it uses only the registry API).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def build(spec: str, size: int):
+    from mtbench.config import parse_method_specs
+    from mtbench.registry import build_model, resolve_spec
+    from mtbench.swin import create_backbone
+    from mtbench.tasks import resolve_tasks
+
+    torch.manual_seed(0)
+    backbone = create_backbone("swin_tiny_patch4_window7_224", img_size=size)
+    return build_model(resolve_spec(parse_method_specs(spec)[0]), backbone, resolve_tasks("pascal_context"))
+
+
+def train_step(model, x) -> tuple[float, int]:
+    """Seconds of forward + backward, and saved-activation + gradient bytes."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        try:
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        except Exception:  # noqa: BLE001
+            pass
+        return t
+
+    t0 = time.perf_counter()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+        loss = sum(o.float().mean() for o in out.values())
+    loss.backward()
+    dt = time.perf_counter() - t0
+    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return dt, sum(seen.values()) + grads
+
+
+@torch.no_grad()
+def infer(model, x) -> float:
+    model.eval()
+    try:
+        from mtbench.lora import merged_lora
+    except ImportError:
+        merged_lora = None
+    t0 = time.perf_counter()
+    if merged_lora is not None:
+        with merged_lora(model):
+            model(x)
+    else:
+        model(x)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", default="mtl_full,decoder_only,lora,mtlora,tadformer,tadformer_official")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--size", type=int, default=448)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    specs = [s.strip() for s in args.methods.split(",")]
+    if specs[0] != "mtl_full":
+        specs.insert(0, "mtl_full")
+    models = {s: build(s, args.size) for s in specs}
+    g = torch.Generator().manual_seed(0)
+    xt = torch.randn(2, 3, args.size, args.size, generator=g)
+    xi = xt[:1].clone()
+    times = {s: [] for s in specs}
+    inf = {s: [] for s in specs}
+    mem = {}
+    for s in specs:  # warm-up (allocator, first-call costs)
+        train_step(models[s], xt)
+        infer(models[s], xi)
+    for r in range(args.rounds):
+        for s in specs:
+            dt, m = train_step(models[s], xt)
+            times[s].append(dt)
+            mem[s] = m
+            inf[s].append(infer(models[s], xi))
+        print(f"round {r + 1}/{args.rounds} done", flush=True)
+    base_t, base_i, base_m = (statistics.median(times["mtl_full"]), statistics.median(inf["mtl_full"]),
+                              mem["mtl_full"])
+    print(f"\nSwin-T {args.size}, 4 PASCAL tasks, {args.threads} threads, median of {args.rounds} interleaved rounds")
+    print("| method | train step s | ratio | spread | inference s | ratio | spread | train memory MB | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for s in specs:
+        t, i = statistics.median(times[s]), statistics.median(inf[s])
+        sp_t = (max(times[s]) - min(times[s])) / t
+        sp_i = (max(inf[s]) - min(inf[s])) / i
+        print(f"| {s} | {t:.2f} | {t / base_t:.2f} | ±{50 * sp_t:.0f}% | {i:.2f} | {i / base_i:.2f} | ±{50 * sp_i:.0f}% "
+              f"| {mem[s] / 2**20:.0f} | {mem[s] / base_m:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
