@@ -177,12 +177,12 @@ def setting_defaults(dataset: str) -> dict[str, Any]:
     values (the defaults here must stay the names of today's behaviour so that existing results keep their keys).
     """
     from mtbench.datasets import get_dataset
+    from mtbench.decoders import resolve_decoder
     from mtbench.tasks import resolve_tasks
 
     spec = get_dataset(dataset)
-    embedded = dataset == "synthetic"
     return {"tasks": [t.name for t in resolve_tasks(dataset)], "backbone": spec.backbone,
-            "decoder": "hrnet_270" if embedded else "hrnet", "preset": spec.default_preset,
+            "decoder": resolve_decoder(None, spec.backbone).name, "preset": spec.default_preset,
             "eval_protocol": "resized"}
 
 
