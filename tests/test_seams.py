@@ -7,7 +7,7 @@ import pytest
 import torch
 from timm.models.swin_transformer import window_partition
 
-from mtbench.encoder import BlockContext, StreamPlan, run_block
+from mtbench.encoder import BlockContext, run_block
 from mtbench.errors import MtbenchError
 from mtbench.lora import LoRALinear
 from mtbench.streams import SHARED, StreamLayout, TaskIndexed, stream_layout
@@ -143,7 +143,7 @@ def test_decoder_registry_and_aux_losses():
     hidden = {"hrnet_270": 270, "mtlora_hrnet": 1080}
     for m in (small, wide):
         h = hidden[m.decoder_name]
-        per_task = sum(m.decoders[NAMES[0]].channels) * 0 + (64 * 18 + 128 * 36 + 256 * 72 + 256 * 144) + (
+        per_task = (64 * 18 + 128 * 36 + 256 * 72 + 256 * 144) + (
             270 * h + h) + 2 * h + (h * 5 + 5)
         assert sum(p.numel() for p in m.decoders[NAMES[0]].parameters()) == per_task
     assert count_params(wide).decoders - count_params(small).decoders == 3 * (270 * 810 + 810 + 2 * 810) + 810 * 9
