@@ -65,7 +65,7 @@ class _RichProgress:
         return self.progress.__exit__(*exc)
 
     def callbacks(self, label: str, recipe):
-        task_id = self.progress.add_task(label, total=None, loss=float("nan"), ips=0.0, val="")
+        task_id = self.progress.add_task(escape(label), total=None, loss=float("nan"), ips=0.0, val="")
 
         def on_step(step, total, loss, ips):
             self.progress.update(task_id, completed=step, total=total, loss=loss, ips=ips)
@@ -145,7 +145,8 @@ def run(
     _, runs, _ = plan(req)
     todo = [r for r in runs if not (r.path.exists() and existing == "skip")]
     if launcher is not None:
-        jobs_ = submit(req, todo, launcher, partition, gpus_per_job, time, log=console.print)
+        jobs_ = submit(req, todo, launcher, partition, gpus_per_job, time,
+                       log=lambda m: console.print(m, markup=False, highlight=False))
         record_sweep(results_dir, [{"label": r.label, "seed": r.seed, "path": str(r.path), "job_id": j.job_id}
                                    for r, j in zip(todo, jobs_)], req.command, launcher)
         if launcher == "local" or wait:
@@ -168,17 +169,20 @@ def run(
         for r in runs:
             if r not in todo:
                 console.print(f"[yellow]skip[/yellow] {escape(r.label)}: result exists at {r.path}")
-        failed = run_jobs(req, todo, jobs, log=console.print)
+        failed = run_jobs(req, todo, jobs, log=lambda m: console.print(m, markup=False, highlight=False))
         if failed:
             raise MtbenchError(f"{failed} of {len(todo)} runs failed; their logs are beside their result paths")
         return
     main = distributed.env_world_size() <= 1 or int(__import__("os").environ.get("RANK", "0")) == 0
-    log = console.print if main else (lambda *a, **k: None)
+
+    def plain(printer):  # labels hold brackets ("[random init]"): never read them as rich markup
+        return lambda msg: printer(msg, markup=False, highlight=False)
+
     if main and console.is_terminal:
         with _RichProgress() as progress:
-            execute(req, log=progress.progress.console.print, progress=progress)
+            execute(req, log=plain(progress.progress.console.print), progress=progress)
     else:
-        execute(req, log=log)
+        execute(req, log=plain(console.print) if main else (lambda msg: None))
     distributed.shutdown()
 
 
@@ -199,7 +203,7 @@ def eval_cmd(
         raise MtbenchError(f"unknown --split {split!r}; valid: test, val")
     report = evaluate_result(result, split=split, data_root=data_root, state=state, device=device,
                              batch_size=batch_size)
-    t = Table(title=f"{report.label}, {split} split ({report.n_images} images)", title_justify="left")
+    t = Table(title=escape(f"{report.label}, {split} split ({report.n_images} images)"), title_justify="left")
     for c in ("task", "metric", "recomputed", "stored", "difference"):
         t.add_column(c, justify="left" if c in ("task", "metric") else "right")
     for row in report.rows:

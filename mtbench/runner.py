@@ -137,6 +137,7 @@ def plan(req: RunRequest) -> tuple[list[TaskSpec], list[PlannedRun], TrainConfig
         MtbenchError: unknown method/option/task/dataset, bad values, missing weights or data root, or an existing
             result with ``existing='error'``.
     """
+    resolve_device(req.device)  # an unknown or absent device is bad input too: fail before anything is written
     if req.existing not in EXISTING_POLICIES:
         raise MtbenchError(f"unknown --existing {req.existing!r}; valid: {', '.join(EXISTING_POLICIES)}")
     spec = get_dataset(req.dataset)

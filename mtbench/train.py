@@ -170,11 +170,19 @@ def build_scheduler(optimizer: torch.optim.Optimizer, lr_min: float, warmup_step
     """timm's ``CosineLRScheduler`` per optimiser step: linear warm-up from 0 over ``warmup_steps`` to the
     optimiser's learning rate, then one cosine decay to ``lr_min`` over the remaining steps (MTLoRA's
     ``lr_scheduler.py`` with ``warmup_prefix``). Drive it with :func:`schedule_step`."""
+    import logging
+
     from timm.scheduler import CosineLRScheduler
 
-    return CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup_steps), lr_min=lr_min,
-                             warmup_t=warmup_steps, warmup_lr_init=0.0, warmup_prefix=True, cycle_limit=1,
-                             t_in_epochs=False)
+    log = logging.getLogger("timm.scheduler.cosine_lr")
+    level = log.level
+    log.setLevel(logging.ERROR)  # its warning about a 1-step cosine is noise for smoke runs
+    try:
+        return CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup_steps), lr_min=lr_min,
+                                 warmup_t=warmup_steps, warmup_lr_init=0.0, warmup_prefix=True, cycle_limit=1,
+                                 t_in_epochs=False)
+    finally:
+        log.setLevel(level)
 
 
 def schedule_step(scheduler, step: int) -> None:

@@ -44,7 +44,8 @@ def test_end_to_end_tiny_run_then_table(tmp_path):
               "--results-dir", str(results)]
     res = mtbench("run", "--methods", "lora:r=2,mtlora,tadformer", *common)
     assert res.returncode == 0, res.stderr + res.stdout
-    files = sorted(p.relative_to(results).as_posix() for p in files_under(results))
+    files = sorted(p.relative_to(results).as_posix() for p in files_under(results / "synthetic"))
+    assert len(list((results / "sweeps").glob("*.json"))) == 1  # what `mtbench status` reads
     smoke = "epochs=1_batch-size=8_train-size=16_max-train-batches=2"  # every departure names the path
     assert files == [f"synthetic/{m}_{smoke}/seed0.{ext}" for m in ("lora/r=2", "mtlora/default", "tadformer/default")
                      for ext in ("json", "safetensors")]

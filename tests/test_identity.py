@@ -138,3 +138,34 @@ def test_bad_train_size_is_one_line_error(tmp_path, bad):
                           "--results-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and res.stderr.startswith("error: --train-size must be >= 1") and \
         len(res.stderr.strip().splitlines()) == 1
+
+
+def test_table_shows_mean_std_over_seeds_and_marks_differences_within_noise(tmp_path):
+    """Three seeds each of two methods (result files written by hand from a reference file): mean ± sample std per
+    cell, the seed count, and ≈ exactly where the intervals overlap the column's best row."""
+    import statistics
+
+    from mtbench.report import build_table, format_table, within_noise
+
+    src = json.loads((REPO / "results/reference/synthetic/mtlora/default/seed0.json").read_text())
+    values = {"mtlora": {"semseg": [40.0, 41.0, 42.0], "normals": [15.0, 15.2, 15.4]},
+              "lora": {"semseg": [30.0, 30.5, 31.0], "normals": [15.1, 15.3, 15.5]}}
+    for method, per_task in values.items():
+        for seed in range(3):
+            data = json.loads(json.dumps(src))
+            data["run"].update(method=method, seed=seed, label=method, options={"r": 4} if method == "lora" else
+                               data["run"]["options"])
+            for task in data["primary"]:
+                data["primary"][task] = per_task.get(task, [50.0, 50.0, 50.0])[seed]
+            path = tmp_path / "synthetic" / method / "default" / f"seed{seed}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(data))
+    table, _ = build_table(tmp_path, "synthetic")
+    shown = format_table(table)
+    assert list(table["seeds"]) == [3, 3]
+    semseg, normals = "SemSeg (mIoU ↑)", "Normals (mErr ↓)"
+    assert shown.loc["mtlora", semseg] == f"41.00 ± {statistics.stdev([40.0, 41.0, 42.0]):.2f}"
+    assert shown.loc["lora", semseg] == "30.50 ± 0.50"  # 10 points apart: a real difference, no mark
+    assert shown.loc["lora", normals].endswith(" ≈") and not shown.loc["mtlora", normals].endswith("≈")
+    assert within_noise(15.2, 0.2, 15.3, 0.2) and not within_noise(41.0, 1.0, 30.5, 0.5)
+    assert not within_noise(15.2, float("nan"), 15.2, 0.1)  # one seed: no interval, no claim
