@@ -401,7 +401,8 @@ class Workload:
         from mtbench.runner import DATASET_BACKBONE
         from mtbench.swin import create_backbone
         from mtbench.tasks import TaskSpec, resolve_tasks
-        from mtbench.train import RECIPES, build_optimizer
+        from mtbench.datasets import resolve_recipe
+        from mtbench.train import build_optimizer
 
         if dataset not in DATASET_BACKBONE:
             raise MtbenchError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASET_BACKBONE)}")
@@ -423,7 +424,7 @@ class Workload:
         self.losses = {t.name: (t.loss_weight, build_loss(TaskSpec(t.name.split("#")[0], t.out_channels,
                                                                    t.loss_weight)).to(self.device))
                        for t in self.tasks}
-        self.recipe = RECIPES[dataset]
+        self.recipe = resolve_recipe(dataset)[1]  # the dataset's default preset: its optimizer and clipping
         self.optimizer = build_optimizer(self.model, self.recipe)
 
     @property

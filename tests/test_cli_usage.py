@@ -29,7 +29,7 @@ def mtbench(*args: str) -> subprocess.CompletedProcess:
 def _commands() -> list[str]:
     from mtbench.cli import app
 
-    return [c.name or c.callback.__name__ for c in app.registered_commands]
+    return [c.name or c.callback.__name__ for c in app.registered_commands] + [g.name for g in app.registered_groups]
 
 
 def test_entry_point_runs_this_checkout():
@@ -53,13 +53,14 @@ def test_unknown_command():
     assert "Traceback" not in res.stderr and "nosuch" in res.stderr and "Usage" in res.stderr
 
 
-COMMANDS = ["list", "run", "table", "params", "references", "pretrain", "attention", "profile", "plot"]
+COMMANDS = ["list", "run", "eval", "status", "table", "params", "references", "pretrain", "attention", "profile",
+            "plot", "data"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_unknown_flag_on_every_command(command):
     assert command in _commands()
-    res = mtbench(command, "--nosuchflag")
+    res = mtbench(*(["data", "check"] if command == "data" else [command]), "--nosuchflag")
     assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr and "--nosuchflag" in res.stderr and "Usage" in res.stderr
 

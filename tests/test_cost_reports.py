@@ -114,7 +114,8 @@ def test_measured_row_shows_reported_twin_in_its_own_columns(tmp_path):
     dst.write_text(json.dumps(src))
     tab, _ = build_table(tmp_path, "pascal_context")
     out = add_reported_columns(tab, tmp_path, "pascal_context")
-    row = out.loc["mtlora"]
+    assert out.index[0].startswith("mtlora")  # the label may name what differs from the dataset's defaults
+    row = out.iloc[0]
     assert row["Δm reported (%)"] == 1.35 and row["#TP reported (M)"] == 4.95
     assert row["#TP (M)"] == pytest.approx(src["params"]["trainable"] / 1e6)  # measured column untouched
     assert "TADFormer CVPR'25 Table 1" in row["reported in"]
