@@ -165,3 +165,18 @@ def test_swin_t_counts():
             "polyhistor_lite": 2_454_440}
     for name, n in want.items():
         assert count_params(build(name, tasks, "swin_tiny_patch4_window7_224")).trainable == n
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("polyhistor:rank=0", "polyhistor: rank must be > 0, got 0"),
+    ("hyperformer_pp:reduction_factor=-2", "hyperformer: reduction_factor must be > 0, got -2"),
+])
+def test_bad_options_are_one_line_exit_2(tmp_path, spec, message):
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "mtbench.cli", "run", "--methods", spec, "--results-dir",
+                          str(tmp_path)], capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and lines[0] == f"error: {message}", res.stderr
+    assert not any(tmp_path.iterdir())
