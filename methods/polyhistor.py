@@ -12,7 +12,10 @@ What the paper states (abstract, project page, Fig. 2):
   "inherently require a large number of trainable parameters in the hyper-network" (§1, §4.1);
 * **Decomposed HyperNetworks** (§4.1) "reduce the number of training parameters in multi-task adaptation";
 * **Layer-wise Scaling Kernels** (§4.2) "efficiently scale up Template Kernels for different scales of adapters";
-* **Polyhistor-Lite** (§4.3) combines Decomposed (Lite-)HyperNetworks and Layer-wise Scaling Kernels.
+* **Polyhistor-Lite** (§4.3) combines Decomposed (Lite-)HyperNetworks and Layer-wise Scaling Kernels; the project
+  page (ycliu93.github.io/projects/polyhistor.html): the two "reduce the trainable parameters in two aspects
+  respectively, including parameter reduction for hyper-networks in multi-tasking architecture and parameter
+  reduction for adapters used in HVTs".
 
 How mtbench reads it (choices the reachable text leaves open):
 
