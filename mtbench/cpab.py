@@ -7,10 +7,25 @@ cell, continuous, and (``zero_boundary``) zero at 0 and 1 has ``tess_size - 1`` 
 transformation ``φ_θ`` is the flow of ``v_θ`` at time 1, integrated in closed form cell by cell. ``φ_θ`` is a
 diffeomorphism of ``[0, 1]`` (monotone, ``φ(0) = 0``, ``φ(1) = 1``) and ``φ_0`` is the identity.
 
-The integration is the ``difw`` package's (``Cpab(tess_size, backend="pytorch", zero_boundary=True)``, basis
-``rref``, closed-form integration with analytic gradients; github.com/imartinezl/difw), the library DiTASK's official
-code uses (``ipsitmantri/DiTASK models/lora.py``). ``difw`` compiles a small C++ extension on first import (about
-1.5 min on 2 cores, cached by torch under ``~/.cache/torch_extensions``); its compile messages are silenced here.
+The parametrisation is ``difw``'s (github.com/imartinezl/difw; the library DiTASK's official code calls,
+``ipsitmantri/DiTASK models/lora.py``): ``θ`` maps to the per-cell affine coefficients ``(a_c, b_c) = B θ`` through
+the null-space basis ``B`` of the continuity and boundary constraints that ``difw.core.tessellation.Tessellation``
+computes (``rref`` basis, pure Python). The integration is written here, because ``difw`` 0.0.31's own integrators
+do not work on this CPU (checked 2026-11-24, torch 2.x, gcc, 2 cores):
+
+* its compiled CPU closed form (a C++ extension built with ``-Ofast -ffast-math``) returns non-monotone maps, e.g.
+  steps of -0.59 between neighbouring grid points for ``θ ~ U(±0.06)`` at 64 cells (a diffeomorphism is monotone);
+* its pure-PyTorch closed form is right (within 4e-7 of its numeric integrator) but its backward raises
+  ``RuntimeError: The size of tensor a (48) must match the size of tensor b (96) at non-singleton dimension 0``
+  for a batch of two ``θ``;
+* its CUDA extension does not build here ("list index out of range").
+
+:func:`integrate_closed_form` follows Freifeld et al. (TPAMI 2017, §4 "closed-form integration"): inside cell ``c``
+the flow of ``v = a x + b`` is ``ψ(x, t) = e^{ta} x + (b/a)(e^{ta} - 1)`` (``x + t b`` when ``a = 0``); a point that
+would leave its cell reaches the boundary ``x_c`` at ``t_hit = log(v(x_c)/v(x)) / a`` (``(x_c - x)/b`` when
+``a = 0``), continues from there in the next cell with the remaining time, and stops where it stays in its cell.
+It is vectorised over points and transformations (at most ``nc`` cell crossings), differentiable by autograd, and
+the identity at ``θ = 0`` exactly. Tested against ``difw``'s pure-PyTorch closed form (values and gradients).
 
 :func:`warp_signal` resamples a signal ``S`` sampled at ``u_i = i/(n-1)`` at the warped points ``φ(u_i)`` with
 ``difw``'s linear interpolation, written in displacement form (position ``i + (φ(u_i) - u_i)(n-1)`` instead of
@@ -19,8 +34,6 @@ code uses (``ipsitmantri/DiTASK models/lora.py``). ``difw`` compiles a small C++
 
 from __future__ import annotations
 
-import contextlib
-import io
 from functools import lru_cache
 
 import torch
@@ -30,23 +43,69 @@ from mtbench.errors import MtbenchError
 
 
 @lru_cache(maxsize=None)
-def _difw():
-    """Import ``difw`` once, silencing its extension-compile messages.
+def cpab_basis(tess_size: int) -> torch.Tensor:
+    """``difw``'s constraint null-space basis ``B`` ``[2*nc, nc-1]`` (float64) of zero-boundary CPA velocity fields
+    on ``[0, 1]`` with ``nc = tess_size`` cells: ``(a_c, b_c) = (B θ)[2c], (B θ)[2c+1]``.
 
     Raises:
-        MtbenchError: ``difw`` is not installed or its CPU extension does not build.
+        MtbenchError: ``difw`` is not installed.
     """
     try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            import difw
-    except Exception as e:  # noqa: BLE001 (ImportError or an extension build error)
-        raise MtbenchError(f"the CPAB transform needs the 'difw' package ({type(e).__name__}: {e}); "
-                           "pip install difw") from e
-    return difw
+        from difw.core.tessellation import Tessellation
+    except ImportError as e:
+        raise MtbenchError(f"the CPAB transform needs the 'difw' package ({e}); pip install difw") from e
+    return torch.as_tensor(Tessellation(tess_size, 0.0, 1.0, True, basis="rref").B, dtype=torch.float64)
+
+
+def integrate_closed_form(A: torch.Tensor, x: torch.Tensor, time: float = 1.0) -> torch.Tensor:
+    """Closed-form flow ``φ(x) = ψ^{time}(x)`` of continuous piecewise-affine velocity fields on ``[0, 1]``
+    (module docstring).
+
+    Args:
+        A: ``[K, nc, 2]`` per-cell ``(a_c, b_c)`` of ``K`` velocity fields (``v(x) = a_c x + b_c`` in cell ``c``).
+        x: ``[n]`` points in ``[0, 1]``.
+        time: integration time.
+
+    Returns:
+        ``[K, n]`` in ``A``'s dtype, differentiable in ``A``.
+    """
+    K, nc, _ = A.shape
+    eps = torch.finfo(A.dtype).eps
+    x = x.to(A.dtype).expand(K, -1)
+    t = torch.full_like(x, float(time))
+    c = (x * nc).floor().clamp(0, nc - 1).long()
+    phi = x
+    done = torch.zeros_like(x, dtype=torch.bool)
+    for _ in range(nc + 1):
+        a = torch.gather(A[..., 0], 1, c)
+        b = torch.gather(A[..., 1], 1, c)
+        small_a = a.abs() < eps
+        a_safe = torch.where(small_a, torch.ones_like(a), a)
+        eta = torch.exp(t * a)
+        psi = torch.where(small_a, x + t * b, eta * x + (b / a_safe) * (eta - 1))
+        v = a * x + b
+        xc = torch.where(v > 0, (c + 1).to(A.dtype) / nc, c.to(A.dtype) / nc)
+        vc = a * xc + b
+        cc = c + torch.sign(v).long()
+        no_hit = (v.abs() < eps) | (cc < 0) | (cc >= nc) | (vc.abs() < eps) | (torch.sign(v) != torch.sign(vc))
+        b_safe = torch.where(b.abs() < eps, torch.ones_like(b), b)
+        v_safe = torch.where(no_hit, torch.ones_like(v), v)
+        ratio = torch.where(no_hit, torch.ones_like(v), vc / v_safe)
+        thit = torch.where(small_a, (xc - x) / b_safe, torch.log(ratio) / a_safe)
+        thit = torch.where(no_hit, torch.full_like(thit, float("inf")), thit)
+        stay = (thit >= t) & ~done
+        phi = torch.where(stay, psi, phi)
+        done = done | stay
+        if bool(done.all()):
+            break
+        x = torch.where(done, x, xc)
+        t = torch.where(done, t, t - torch.where(done, torch.zeros_like(thit), thit))
+        c = torch.where(done, c, cc)
+    return phi
 
 
 class CPAB1D:
-    """A 1-D CPAB transformation family with zero-velocity boundary (one per tessellation size and device).
+    """A 1-D CPAB transformation family with zero-velocity boundary on ``[0, 1]``.
 
     Args:
         tess_size: number of cells ``nc`` (DiTASK's rank ``r``: 64 shared, 4 per task); ``θ`` has ``nc - 1``
@@ -60,37 +119,33 @@ class CPAB1D:
         if tess_size < 2:
             raise MtbenchError(f"CPAB tess_size must be >= 2 (theta has tess_size - 1 entries), got {tess_size}")
         self.tess_size = int(tess_size)
-        self._by_device: dict[str, object] = {}
+        self.basis = cpab_basis(self.tess_size)
 
     @property
     def num_params(self) -> int:
         """Length of ``θ``: ``tess_size - 1`` (continuity and the two boundary constraints)."""
         return self.tess_size - 1
 
-    def _cpab(self, device: torch.device):
-        key = "gpu" if device.type == "cuda" else "cpu"
-        if key not in self._by_device:
-            difw = _difw()
-            with contextlib.redirect_stdout(io.StringIO()):
-                self._by_device[key] = difw.Cpab(tess_size=self.tess_size, backend="pytorch", device=key,
-                                                 zero_boundary=True)
-        return self._by_device[key]
+    def velocity_coefficients(self, theta: torch.Tensor) -> torch.Tensor:
+        """``[K, d]`` -> per-cell ``(a_c, b_c)`` ``[K, nc, 2]`` (float64)."""
+        if theta.ndim != 2 or theta.shape[1] != self.num_params:
+            raise MtbenchError(f"theta must be [K, {self.num_params}], got {tuple(theta.shape)}")
+        B = self.basis.to(theta.device)
+        return (theta.double() @ B.t()).view(theta.shape[0], self.tess_size, 2)
 
     def warp_grid(self, theta: torch.Tensor, n: int) -> torch.Tensor:
         """``φ_θ(u_i)`` at the ``n`` uniform points ``u_i = i/(n-1)`` of ``[0, 1]``.
 
         Args:
             theta: ``[K, tess_size - 1]`` (K transformations).
-            n: number of points (≥ 2).
+            n: number of points.
 
         Returns:
             ``[K, n]`` float32, differentiable in ``theta``.
         """
-        if theta.ndim != 2 or theta.shape[1] != self.num_params:
-            raise MtbenchError(f"theta must be [K, {self.num_params}], got {tuple(theta.shape)}")
-        T = self._cpab(theta.device)
-        grid = torch.linspace(0, 1, n, device=theta.device, dtype=torch.float32)
-        return T.transform_grid(grid, theta.float())
+        A = self.velocity_coefficients(theta)
+        grid = torch.linspace(0, 1, n, device=theta.device, dtype=torch.float32)  # the points warp_signal uses
+        return integrate_closed_form(A, grid.double()).float()
 
 
 def warp_signal(values: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
@@ -169,7 +224,7 @@ def svd_warped_delta(weight: torch.Tensor, svd: FrozenSVD, cpab: CPAB1D, theta: 
     U, S, Vh = svd.factors(weight)  # [k,o,m], [k,m], [k,m,in]
     phi = cpab.warp_grid(theta, S.shape[-1])  # [K, m]
     dS = warp_signal(S, phi) - S  # [K, k, m]
-    delta = torch.einsum("kom,Kkm,kmi->Kkoi", U, dS, Vh)
+    delta = (U.unsqueeze(0) * dS.unsqueeze(-2)) @ Vh.unsqueeze(0)  # [K, k, o, in]
     return delta.reshape(theta.shape[0], weight.shape[0], weight.shape[1])
 
 
