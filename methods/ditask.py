@@ -9,7 +9,8 @@ Faithful to the official code (the paper describes the same operator):
   ``DiTASKLinear.transform_data``/``forward``). A frozen linear ``W = U diag(S) Vᵀ`` is *replaced* by
   ``W' = U diag(S∘φ_θ) Vᵀ``: the singular vectors are kept and the singular values, read as a 1-D signal over
   their index scaled to ``[0, 1]``, are resampled through a CPAB diffeomorphism ``φ_θ`` (tessellation of ``r``
-  cells, zero-velocity boundary, ``r - 1`` parameters; :mod:`mtbench.cpab`, ``difw`` as the official code). The
+  cells, zero-velocity boundary, ``r - 1`` parameters; :mod:`mtbench.cpab`: ``difw``'s parametrisation as the
+  official code, mtbench's own closed-form integration, see that module for why). The
   output is ``W' dropout(x) + b``: the official layer applies its dropout (0.05) to the whole input, the frozen path
   included, not to a side branch; kept.
 * **qkv**: the fused ``qkv`` weight is split into q, k, v; each is decomposed and warped with the same ``θ``.
@@ -35,8 +36,10 @@ Readings and options:
   unconditionally, so it builds 4 tasks × 12 blocks × 3 = 144 task ``θ`` whose outputs are discarded
   (``qkv, _ = self.qkv(x)``); they never receive a gradient but are counted in the official 3,549,482. The default
   leaves them out (the paper's qkv is shared); ``qkv_task_theta=true`` builds them to reproduce the official count.
-* CUDA: ``difw``'s CUDA extension did not compile here ("list index out of range" in its build step); on a GPU it
-  falls back to its PyTorch path.
+* Resampling: ``S`` is read at ``u_i = i/(m-1)`` and linearly interpolated at ``φ(u_i)`` (``difw``'s
+  ``transform_data``, which the official code calls with ``outsize = m``), singular values in ``torch.linalg.svd``'s
+  descending order as ``torch.svd`` returns them.
+* Evaluation: without grad, the warped weights are cached until a ``θ`` changes.
 
 #TP, Swin-T / PASCAL-Context (4 tasks, MTLoRA decoder), r=64: 3,549,338 (official code 3,549,482 = this + the 144
 dead qkv task θ; ``qkv_task_theta=true`` gives it exactly). θ is 3,168 of it; the rest is the decoders (1,946,624),

@@ -19,8 +19,10 @@ blocks and never calls private timm functions; it changes the encoder through fi
 3. **Per-task streams** from any block on: set ``self.stream_plan`` (:class:`StreamPlan`).
    ``StreamPlan.dedicated()`` splits right after the patch embedding (tasks stacked on the batch dimension through
    one backbone call: T streams, never T copies of the backbone); ``StreamPlan.last_block_per_stage()`` splits in the
-   last block of each stage beside the shared stream, after the (shared) attention, as MTLoRA and TADFormer do. Each
-   task's decoder receives its own stream's PatchMerging tap, or the shared tap when it has no stream.
+   last block of each stage beside the shared stream, after the (shared) attention, as MTLoRA and TADFormer do. A
+   ``post_block`` hook may also fork task streams after its block ran once on the shared stream
+   (:meth:`BlockContext.fork`, VMT-Adapter). Each task's decoder receives its own stream's PatchMerging tap, or the
+   shared tap when it has no stream.
 4. **Prompt tokens**: return ``[B, P, C]`` (or ``[S*B, P, C]``) from :meth:`MultiTaskModel.init_prompts`; the loop
    prepends them to every window (zero-padded rel-pos bias and shift mask), updates them after each block
    (:meth:`MultiTaskModel.update_prompts`, VPT's ordinary-token update by default), and passes them through
