@@ -19,8 +19,10 @@ blocks and never calls private timm functions; it changes the encoder through fi
 3. **Per-task streams** from any block on: set ``self.stream_plan`` (:class:`StreamPlan`).
    ``StreamPlan.dedicated()`` splits right after the patch embedding (tasks stacked on the batch dimension through
    one backbone call: T streams, never T copies of the backbone); ``StreamPlan.last_block_per_stage()`` splits in the
-   last block of each stage beside the shared stream, after the (shared) attention, as MTLoRA and TADFormer do. Each
-   task's decoder receives its own stream's PatchMerging tap, or the shared tap when it has no stream.
+   last block of each stage beside the shared stream, after the (shared) attention, as MTLoRA and TADFormer do. A
+   ``post_block`` hook may also fork task streams after its block ran once on the shared stream
+   (:meth:`BlockContext.fork`, VMT-Adapter). Each task's decoder receives its own stream's PatchMerging tap, or the
+   shared tap when it has no stream.
 4. **Prompt tokens**: return ``[B, P, C]`` (or ``[S*B, P, C]``) from :meth:`MultiTaskModel.init_prompts`; the loop
    prepends them to every window (zero-padded rel-pos bias and shift mask), updates them after each block
    (:meth:`MultiTaskModel.update_prompts`, VPT's ordinary-token update by default), and passes them through
@@ -146,6 +148,33 @@ class BlockContext:
     def is_final_block(self) -> bool:
         return self.is_last_in_stage and self.stage == self.model.backbone.num_stages - 1
 
+    def fork(self, shared: torch.Tensor, task_rows: torch.Tensor) -> torch.Tensor:
+        """Late split, from a ``post_block`` hook of a block that carries the shared stream alone: the block's
+        output becomes the shared stream plus one stream per task, *after* the block ran once (VMT-Adapter's
+        task-specific features: the backbone never runs per task). The loop continues with the new layout; as
+        after any task block, each task's decoder receives its own stream's tap and the next stage continues from
+        the shared stream unless the plan makes its first block a task block.
+
+        Args:
+            shared: ``[B, H, W, C]`` the block's (shared) output.
+            task_rows: ``[T*B, H, W, C]`` the task streams, tasks in ``model.task_names`` order.
+
+        Returns:
+            ``[(1+T)*B, H, W, C]``; ``self.layout`` becomes ``(shared, *tasks)``.
+
+        Raises:
+            MtbenchError: the block already carries task streams, or ``task_rows`` has the wrong number of rows.
+        """
+        tasks = tuple(self.model.task_names)
+        if self.layout.names != (SHARED,):
+            raise MtbenchError(f"block {self.stage}.{self.index}: fork needs the shared stream alone, got "
+                               f"{self.layout.names}")
+        if task_rows.shape[0] != len(tasks) * shared.shape[0] or task_rows.shape[1:] != shared.shape[1:]:
+            raise MtbenchError(f"block {self.stage}.{self.index}: fork got task rows {tuple(task_rows.shape)} for "
+                               f"{len(tasks)} tasks and a shared stream {tuple(shared.shape)}")
+        self.layout = StreamLayout((SHARED, *tasks), self.layout.batch)
+        return torch.cat([shared, task_rows])
+
 
 class BlockExtension(nn.Module):
     """Base class of modules a method attaches to a block; every hook defaults to identity.
@@ -193,7 +222,7 @@ class BlockExtension(nn.Module):
         return out
 
     def post_block(self, ctx: BlockContext, x: torch.Tensor) -> torch.Tensor:
-        """Block output."""
+        """Block output; may fork task streams from a shared-only block with :meth:`BlockContext.fork`."""
         return x
 
 

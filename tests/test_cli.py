@@ -28,6 +28,8 @@ def files_under(path: Path) -> list[Path]:
     (["--methods", "mtlora:rank=4"], "no option 'rank'"),
     (["--methods", "lora", "--device", "tpu"], "unknown device 'tpu'"),
     (["--methods", "lora", "--decoder", "nope"], "unknown decoder 'nope'; valid: mtlora_hrnet, hrnet_270"),
+    (["--methods", "ditask:r=1"], "ditask: r and task_r must be >= 2, got r=1"),
+    (["--methods", "vmt_adapter:reduction=0"], "vmt_adapter: reduction must be > 0, got 0"),
 ])
 def test_run_bad_input_is_one_line_exit_2(tmp_path, args, message):
     res = mtbench("run", *args, "--results-dir", str(tmp_path / "results"))
