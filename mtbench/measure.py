@@ -5,6 +5,7 @@ No method counts itself: every number in a result file, a table or ``mtbench par
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from torch import nn
@@ -74,3 +75,74 @@ def count_params(model: nn.Module) -> ParamBreakdown:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == method + decoders + sum(unfrozen.values()), "breakdown does not add up"
     return ParamBreakdown(trainable, total, frozen, dict(sorted(unfrozen.items())), method, decoders)
+
+
+# ---------------------------------------------------------------------------------------------- FLOPs and latency
+def _grid_sampler_flop(inputs, outputs) -> int:
+    """fvcore handle of ``aten::grid_sampler``: bilinear sampling = 4 multiply-adds per output element
+    (``[N, C, Hout, Wout]``), the count fvcore uses for one FLOP (one fused multiply-add)."""
+    from fvcore.nn.jit_handles import get_shape
+
+    return 4 * math.prod(get_shape(outputs[0]))
+
+
+def _sdpa_flop(inputs, outputs) -> int:
+    """fvcore handle of ``aten::scaled_dot_product_attention`` (q ``[..., Nq, d]``, k ``[..., Nk, d]``, v
+    ``[..., Nk, dv]``): ``Q K^T`` and ``softmax(.) V`` = ``prod(batch) * Nq * Nk * (d + dv)`` multiply-adds (the
+    softmax is not counted, as fvcore does not count elementwise ops)."""
+    from fvcore.nn.jit_handles import get_shape
+
+    q, k, v = (get_shape(x) for x in inputs[:3])
+    return math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
+
+
+#: fvcore handles mtbench adds for ops fvcore 0.1.5 skips (it would warn and count 0).
+EXTRA_FLOP_HANDLES = {"aten::grid_sampler": _grid_sampler_flop, "aten::scaled_dot_product_attention": _sdpa_flop}
+
+
+def count_flops(module: nn.Module, inputs: tuple) -> int:
+    """FLOPs of ``module(*inputs)`` as fvcore counts them (one fused multiply-add = 1 FLOP; elementwise ops,
+    softmax and normalisation not counted), with :data:`EXTRA_FLOP_HANDLES` registered.
+
+    Raises:
+        MtbenchError: an operator that fvcore skipped (a count that would be silently low).
+    """
+    from fvcore.nn import FlopCountAnalysis
+
+    from mtbench.errors import MtbenchError
+
+    fca = FlopCountAnalysis(module, inputs).set_op_handle(**EXTRA_FLOP_HANDLES)
+    fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    total = fca.total()
+    skipped = {op: n for op, n in fca.unsupported_ops().items() if op in _COSTLY_OPS}
+    if skipped:
+        raise MtbenchError(f"fvcore skipped costly operators {skipped}; register a handle in EXTRA_FLOP_HANDLES")
+    return int(total)
+
+
+#: Operators that must be counted (a skip of one of these would make a FLOP count wrong, not merely low by a norm).
+_COSTLY_OPS = {"aten::grid_sampler", "aten::scaled_dot_product_attention", "aten::_convolution", "aten::mm",
+               "aten::bmm", "aten::matmul", "aten::linear", "aten::einsum", "aten::baddbmm", "aten::addmm"}
+
+
+def time_forward(module: nn.Module, inputs: tuple, repeats: int = 3, warmup: int = 1) -> float:
+    """Median wall-clock seconds of ``module(*inputs)`` under ``torch.no_grad()`` (CUDA synchronised), after
+    ``warmup`` untimed calls."""
+    import statistics
+    import time
+
+    import torch
+
+    cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs)
+    times = []
+    with torch.no_grad():
+        for i in range(warmup + repeats):
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            module(*inputs)
+            if cuda:
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    return statistics.median(times)
