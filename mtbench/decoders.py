@@ -173,6 +173,12 @@ def resolve_decoder(name: str | None, backbone_name: str) -> DecoderSpec:
 
 def _register_builtin_interactions() -> None:
     from mtbench.intertask import InterTaskAttention
+    from mtbench.tsai import TSAI_DIM, BranchSynergy, TSAITaskDecoder
+
+    register_decoder(DecoderSpec(
+        "tsai", lambda dims, out: TSAITaskDecoder(dims, out), lambda tasks, ch: BranchSynergy(tasks), (TSAI_DIM,),
+        "TDSS's TSAI: per-task SegFormer scale fusion, K=4 deformable synergy layers with the global feature, "
+        "conv heads (mtbench.tsai)"))
 
     register_interaction("inter_task_mha", lambda tasks, ch: InterTaskAttention(tasks, ch, mixer="mha"),
                          "full multi-head self-attention across all tasks' tokens (InvPT-style, quadratic in T)")
