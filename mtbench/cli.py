@@ -93,7 +93,9 @@ def run(
     existing: str = typer.Option("skip", help="if the result file exists: skip | error | overwrite"),
     max_train_batches: int = typer.Option(0, help="cap batches per epoch (0 = all; smoke tests)"),
     train_size: Optional[int] = typer.Option(None, help="use only the first N training images (synthetic)"),
-    decoder: Optional[str] = typer.Option(None, help="decoder (mtbench.decoders): mtlora_hrnet | hrnet_270; default "
+    decoder: Optional[str] = typer.Option(None, help="decoder (mtbench.decoders): mtlora_hrnet | hrnet_270 | tsai, or an "
+                                          "interaction on the default decoder (inter_task_mha | inter_task_deformable) "
+                                          "or DECODER+INTERACTION; default "
                                           "per backbone (Swin-T: mtlora_hrnet, embedded: hrnet_270)"),
 ) -> None:
     """Train, select on validation, evaluate on test, and write one result file per method."""
@@ -255,6 +257,66 @@ def attention(
     path = out or f"reports/attention_{res.run.method}_{res.run.variant}_stage{stage}.png"
     attention_figure(model, images, path, stage=stage, title=f"{res.run.label}: task attention maps, stage {stage}")
     console.print(f"wrote {path}")
+
+
+@app.command("interaction-cost")
+def interaction_cost_cmd(
+    decoder: str = typer.Option("inter_task_mha,inter_task_deformable", help="interaction decoders to compare"),
+    tasks: str = typer.Option("2..8", help="numbers of tasks: A..B or a comma list"),
+    sizes: str = typer.Option("448x448,448x576", help="input sizes HxW (PASCAL-Context 448x448, NYUD 448x576)"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    repeats: int = typer.Option(2, help="timed forward calls per point (median), after one warm-up"),
+    out: str = typer.Option("reports/figures/inter_task_cost", help="output stem: writes STEM.json and STEM.png"),
+) -> None:
+    """FLOPs and latency of inter-task interaction stages versus the number of tasks (Bohn et al. 2025's claim)."""
+    import json
+    from pathlib import Path
+
+    from mtbench.decoders import resolve_decoder
+    from mtbench.figures import cost_scaling_figure
+    from mtbench.measure import interaction_cost
+    from mtbench.results import atomic_write_text
+    from mtbench.runner import resolve_device, set_threads
+
+    try:
+        if ".." in tasks:
+            a, b = tasks.split("..")
+            counts = list(range(int(a), int(b) + 1))
+        else:
+            counts = [int(x) for x in tasks.split(",")]
+        dims = [tuple(int(v) for v in s.lower().split("x")) for s in sizes.split(",")]
+    except ValueError:
+        raise MtbenchError(f"--tasks {tasks!r} / --sizes {sizes!r}: expected e.g. 2..8 or 2,4 and 448x448,448x576")
+    if not counts or min(counts) < 1 or any(len(d) != 2 or min(d) < 32 for d in dims):
+        raise MtbenchError(f"--tasks {tasks!r} / --sizes {sizes!r}: need task counts >= 1 and sizes HxW >= 32")
+    if repeats < 1:
+        raise MtbenchError(f"--repeats must be >= 1, got {repeats}")
+    names = [resolve_decoder(d.strip(), "swin_tiny_patch4_window7_224").name for d in decoder.split(",")]
+    dev = resolve_device(device)
+    set_threads()
+    rows = []
+    t = Table(title=f"interaction stages alone, Swin-T neck widths, batch 1, device {dev}", title_justify="left")
+    for c in ("decoder", "size", "T", "GFLOPs", "latency (ms)"):
+        t.add_column(c, justify="left" if c in ("decoder", "size") else "right")
+    for h, w in dims:
+        for n in counts:
+            for name in names:
+                r = interaction_cost(name, n, (h, w), device=str(dev), repeats=repeats)
+                rows.append(r)
+                t.add_row(name, f"{h}x{w}", str(n), f"{r['flops'] / 1e9:.3f}", f"{r['latency_ms']:.1f}")
+                console.print(f"{name} {h}x{w} T={n}: {r['flops'] / 1e9:.3f} GFLOPs, {r['latency_ms']:.1f} ms")
+    console.print(t)
+    if len(names) == 2:
+        for h, w in dims:
+            for n in counts:
+                a, b = (next(r for r in rows if (r["decoder"], r["tasks"], r["height"]) == (nm, n, h)
+                             and r["width"] == w) for nm in names)
+                console.print(f"{h}x{w} T={n}: {names[0]} / {names[1]} = {a['flops'] / b['flops']:.1f}x FLOPs, "
+                              f"{a['latency_ms'] / b['latency_ms']:.1f}x latency")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(out + ".json"), json.dumps(rows, indent=1) + "\n")
+    cost_scaling_figure(rows, out + ".png", title=f"inter-task interaction stages, Swin-T neck, device {dev}")
+    console.print(f"wrote {out}.json and {out}.png")
 
 
 def main() -> None:

@@ -146,3 +146,51 @@ def time_forward(module: nn.Module, inputs: tuple, repeats: int = 3, warmup: int
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def interaction_cost(decoder: str, num_tasks: int, img_size: tuple[int, int], backbone: str = "swin_tiny_patch4_window7_224",
+                     device: str = "cpu", repeats: int = 2) -> dict:
+    """FLOPs and latency of a decoder's interaction stage alone, for ``num_tasks`` tasks, batch 1.
+
+    The inputs are random neck outputs of the decoder's widths at the backbone's tap strides (8/16/32/32 for Swin-T:
+    a 56x56 finest map at 448x448). Used by ``mtbench interaction-cost`` (the inter-task attention claim of Bohn et
+    al. 2025, :mod:`mtbench.intertask`).
+
+    Args:
+        decoder: a name :func:`mtbench.decoders.resolve_decoder` accepts (e.g. ``inter_task_mha``).
+        num_tasks: ``T``; img_size: ``(H, W)`` in pixels; device: torch device; repeats: timed calls (median).
+
+    Returns:
+        ``{"decoder", "tasks", "height", "width", "flops" (fvcore, 1 = one multiply-add), "latency_ms", "device"}``.
+
+    Raises:
+        MtbenchError: unknown decoder.
+    """
+    import torch
+
+    from mtbench.decoders import resolve_decoder
+
+    spec = resolve_decoder(decoder, backbone)
+    tasks = [f"task{i}" for i in range(num_tasks)]
+    module = spec.make_interaction(tasks, spec.neck_channels).to(device).eval()
+    strides = (8, 16, 32, 32)[:len(spec.neck_channels)]
+    g = torch.Generator().manual_seed(0)
+    maps = tuple(torch.randn(1, c, img_size[0] // s, img_size[1] // s, generator=g).to(device)
+                 for t in tasks for c, s in zip(spec.neck_channels, strides))
+    k = len(spec.neck_channels)
+
+    class _Flat(nn.Module):  # fvcore traces tensors in, tensors out
+        def __init__(self):
+            super().__init__()
+            self.inner = module
+
+        def forward(self, *flat):
+            out, _ = self.inner({t: list(flat[i * k:(i + 1) * k]) for i, t in enumerate(tasks)})
+            return tuple(m for t in tasks for m in out[t])
+
+    flat = _Flat()
+    with torch.no_grad():
+        flops = count_flops(flat, maps)
+    latency = time_forward(flat, maps, repeats=repeats, warmup=1)
+    return {"decoder": spec.name, "tasks": num_tasks, "height": img_size[0], "width": img_size[1], "flops": flops,
+            "latency_ms": latency * 1e3, "device": str(device)}
