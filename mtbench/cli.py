@@ -173,6 +173,7 @@ def params(
     from mtbench.decoders import resolve_decoder
 
     task_specs = resolve_tasks(dataset)
+    chosen = decoder  # None: each method's own default (the backbone's, or e.g. tdss's tsai)
     decoder = resolve_decoder(decoder, DATASET_BACKBONE[dataset]).name
     wanted = None if methods is None else {resolve(m.strip())[0].name for m in methods.split(",") if m.strip()}
     t = Table(title=f"#TP, {DATASET_BACKBONE[dataset]} setting, decoder {decoder}, tasks: "
@@ -191,13 +192,15 @@ def params(
             opts = {} if pc is None else {k: str(v).lower() if isinstance(v, bool) else str(v)
                                           for k, v in pc.options.items()}
             rm = resolve_spec(MethodSpec(info.name, opts))
-            model = build_model(rm, create_backbone(DATASET_BACKBONE[dataset]), task_specs, decoder=decoder)
+            model = build_model(rm, create_backbone(DATASET_BACKBONE[dataset]), task_specs, decoder=chosen)
             pb = count_params(model)
             unfrozen = ", ".join(f"{k} {v:,}" for k, v in pb.backbone_unfrozen.items()) or "-"
             paper = "-" if pc is None or pc.millions is None else f"{pc.millions:.2f}"
             note = "" if pc is None else (pc.source + (f"; {pc.note}" if pc.note else ""))
             if pc is not None and pc.exact is not None:
                 note = ("✔ " if pb.trainable == pc.exact else f"✘ expected {pc.exact:,}; ") + note
+            if model.decoder_name != decoder:
+                note = f"decoder {model.decoder_name}; " + note
             t.add_row(info.name, ",".join(f"{k}={v}" for k, v in opts.items()) or "default", f"{pb.trainable:,}",
                       unfrozen, f"{pb.method:,}", f"{pb.decoders:,}", paper, note)
             del model
@@ -317,6 +320,46 @@ def interaction_cost_cmd(
     atomic_write_text(Path(out + ".json"), json.dumps(rows, indent=1) + "\n")
     cost_scaling_figure(rows, out + ".png", title=f"inter-task interaction stages, Swin-T neck, device {dev}")
     console.print(f"wrote {out}.json and {out}.png")
+
+
+@app.command("train-memory")
+def train_memory_cmd(
+    methods: str = typer.Option("tdss,mtlora,tadformer", "--methods", "-m", help="methods (with options)"),
+    dataset: str = typer.Option("pascal_context", help="setting: pascal_context / nyud (Swin-T 448) or synthetic"),
+    batch_size: int = typer.Option(1, help="images per step"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+) -> None:
+    """Training-step memory (bytes saved for backward; CUDA peak on CUDA) and step time, beside TDSS Table 3."""
+    import torch
+
+    from mtbench.config import parse_method_specs
+    from mtbench.measure import count_params, train_step_memory
+    from mtbench.registry import build_model, resolve_spec
+    from mtbench.runner import DATASET_BACKBONE, resolve_device, set_threads
+    from mtbench.swin import create_backbone
+    from mtbench.tasks import resolve_tasks
+
+    if dataset not in DATASET_BACKBONE:
+        raise MtbenchError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASET_BACKBONE)}")
+    if batch_size < 1:
+        raise MtbenchError(f"--batch-size must be >= 1, got {batch_size}")
+    specs = [resolve_spec(s) for s in parse_method_specs(methods)]
+    dev = resolve_device(device)
+    set_threads()
+    task_specs = resolve_tasks(dataset)
+    t = Table(title=f"one training step, {DATASET_BACKBONE[dataset]}, batch {batch_size}, device {dev}",
+              title_justify="left")
+    for c in ("method", "#TP", "saved for backward (MB)", "CUDA peak (MB)", "s/step"):
+        t.add_column(c, justify="left" if c == "method" else "right")
+    for rm in specs:
+        bb = create_backbone(DATASET_BACKBONE[dataset])
+        model = build_model(rm, bb, task_specs).to(dev)
+        images = torch.randn(batch_size, 3, *bb.img_size, device=dev)
+        r = train_step_memory(model, images)
+        t.add_row(rm.spec.name + "".join(f",{k}={v}" for k, v in rm.spec.options.items()), f"{count_params(model).trainable:,}", f"{r['saved_mb']:.1f}",
+                  "-" if r["cuda_peak_mb"] is None else f"{r['cuda_peak_mb']:.0f}", f"{r['step_seconds']:.2f}")
+        del model
+    console.print(t)
 
 
 def main() -> None:

@@ -194,3 +194,55 @@ def interaction_cost(decoder: str, num_tasks: int, img_size: tuple[int, int], ba
     latency = time_forward(flat, maps, repeats=repeats, warmup=1)
     return {"decoder": spec.name, "tasks": num_tasks, "height": img_size[0], "width": img_size[1], "flops": flops,
             "latency_ms": latency * 1e3, "device": str(device)}
+
+
+def train_step_memory(model: nn.Module, images, repeats: int = 1) -> dict:
+    """Training-step cost of a model: the bytes autograd keeps for backward, the CUDA peak when on CUDA, and the
+    step time.
+
+    The saved-for-backward bytes are counted with ``torch.autograd.graph.saved_tensors_hooks`` (each storage once;
+    parameters excluded), a device-independent measure of the activation memory a training step needs: the part of
+    training memory a lateral path (TDSS) saves by keeping backprop out of the frozen backbone.
+
+    Args:
+        model: a :class:`mtbench.model.MultiTaskModel` (trainability applied); images: ``[B,3,H,W]`` on its device.
+        repeats: timed steps (median), after one untimed step.
+
+    Returns:
+        ``{"saved_mb", "cuda_peak_mb" (None on CPU), "step_seconds"}``.
+    """
+    import statistics
+    import time
+
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    model.train()
+    cuda = images.is_cuda
+    times, saved = [], 0.0
+    for i in range(repeats + 1):
+        model.zero_grad(set_to_none=True)
+        seen.clear()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            preds = model(images)
+        sum(p.float().mean() for p in preds.values()).backward()
+        if cuda:
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t0)
+        saved = sum(seen.values()) / 2**20
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+    model.zero_grad(set_to_none=True)
+    return {"saved_mb": saved, "cuda_peak_mb": peak, "step_seconds": statistics.median(times)}

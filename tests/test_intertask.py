@@ -85,3 +85,37 @@ def test_registry_names():
     assert resolve_decoder("mtlora_hrnet+inter_task_mha", "swin_embedded").name == "mtlora_hrnet+inter_task_mha"
     with pytest.raises(MtbenchError, match="inter_task_deformable"):
         resolve_decoder("hrnet_270+nope", "swin_embedded")
+
+
+def _cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "mtbench.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_interaction_cost_command_writes_json_and_plot(tmp_path):
+    import json
+
+    res = _cli("interaction-cost", "--tasks", "2,3", "--sizes", "64x64", "--repeats", "1", "--device", "cpu",
+               "--out", str(tmp_path / "cost"))
+    assert res.returncode == 0, res.stderr
+    rows = json.loads((tmp_path / "cost.json").read_text())
+    assert {(r["decoder"].split("+")[1], r["tasks"]) for r in rows} == {
+        (d, t) for d in ("inter_task_mha", "inter_task_deformable") for t in (2, 3)}
+    assert all(r["flops"] > 0 and r["latency_ms"] > 0 for r in rows)
+    assert (tmp_path / "cost.png").stat().st_size > 10_000
+    assert "T=3: mtlora_hrnet+inter_task_mha / mtlora_hrnet+inter_task_deformable" in res.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["interaction-cost", "--tasks", "x..8"], "--tasks 'x..8'"),
+    (["interaction-cost", "--sizes", "448"], "--sizes '448'"),
+    (["interaction-cost", "--decoder", "nosuch"], "unknown decoder 'nosuch'"),
+    (["run", "--methods", "mtlora", "--decoder", "hrnet_270+nosuch"], "unknown decoder 'hrnet_270+nosuch'"),
+])
+def test_bad_input_is_one_line_exit_2(args, message):
+    res = _cli(*args)
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], \
+        res.stderr

@@ -121,3 +121,13 @@ def test_paper_setting_count():
 
 def test_other_decoder_replaces_tsai():
     assert _build(decoder="hrnet_270").decoder_name == "hrnet_270"
+
+
+def test_params_command_shows_tdss_beside_the_paper():
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "mtbench.cli", "params", "--methods", "tdss"], capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "3,316,224" in res.stdout and "3.52" in res.stdout and "decoder tsai" in res.stdout
