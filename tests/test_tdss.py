@@ -123,6 +123,7 @@ def test_other_decoder_replaces_tsai():
     assert _build(decoder="hrnet_270").decoder_name == "hrnet_270"
 
 
+@pytest.mark.slow
 def test_params_command_shows_tdss_beside_the_paper():
     import subprocess
     import sys
