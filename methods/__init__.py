@@ -4,4 +4,4 @@ Only models live here: a method knows nothing of the CLI, the result store or th
 registers every method (the registry does so lazily), in the order below.
 """
 
-from methods import single_task, mtl_full, decoder_only, lora, mtlora, tadformer, hyperformer, polyhistor, vmt_adapter, ditask  # noqa: F401  (registration side effects)
+from methods import single_task, mtl_full, decoder_only, lora, mtlora, tadformer, hyperformer, polyhistor, vmt_adapter, ditask, tdss  # noqa: F401  (registration side effects)

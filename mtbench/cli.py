@@ -124,7 +124,9 @@ def run(
     time: str = typer.Option("24:00", "--time", help="wall-clock limit per job, HH:MM (--launcher)"),
     wait: bool = typer.Option(False, "--wait", help="wait for submitted jobs to end (always with --launcher local)"),
     no_record: bool = typer.Option(False, "--no-record", hidden=True, help="do not record a sweep (child runs)"),
-    decoder: Optional[str] = typer.Option(None, help="decoder (mtbench.decoders): mtlora_hrnet | hrnet_270; default "
+    decoder: Optional[str] = typer.Option(None, help="decoder (mtbench.decoders): mtlora_hrnet | hrnet_270 | tsai, or an "
+                                          "interaction on the default decoder (inter_task_mha | inter_task_deformable) "
+                                          "or DECODER+INTERACTION; default "
                                           "per backbone (Swin-T: mtlora_hrnet, embedded: hrnet_270)"),
 ) -> None:
     """Train, select on validation, evaluate on test, and write one result file per method and seed."""
@@ -349,6 +351,7 @@ def params(
 
     backbone = get_dataset(dataset).backbone
     task_specs = resolve_tasks(dataset)
+    chosen = decoder  # None: each method's own default (the backbone's, or e.g. tdss's tsai)
     decoder = resolve_decoder(decoder, backbone).name
     wanted = None if methods is None else {resolve(m.strip())[0].name for m in methods.split(",") if m.strip()}
     t = Table(title=f"#TP, {backbone} setting, decoder {decoder}, tasks: {', '.join(x.name for x in task_specs)}",
@@ -366,13 +369,15 @@ def params(
             opts = {} if pc is None else {k: str(v).lower() if isinstance(v, bool) else str(v)
                                           for k, v in pc.options.items()}
             rm = resolve_spec(MethodSpec(info.name, opts))
-            model = build_model(rm, create_backbone(backbone), task_specs, decoder=decoder)
+            model = build_model(rm, create_backbone(backbone), task_specs, decoder=chosen)
             pb = count_params(model)
             unfrozen = ", ".join(f"{k} {v:,}" for k, v in pb.backbone_unfrozen.items()) or "-"
             paper = "-" if pc is None or pc.millions is None else f"{pc.millions:.2f}"
             note = "" if pc is None else (pc.source + (f"; {pc.note}" if pc.note else ""))
             if pc is not None and pc.exact is not None:
                 note = ("✔ " if pb.trainable == pc.exact else f"✘ expected {pc.exact:,}; ") + note
+            if model.decoder_name != decoder:
+                note = f"decoder {model.decoder_name}; " + note
             t.add_row(info.name, ",".join(f"{k}={v}" for k, v in opts.items()) or "default", f"{pb.trainable:,}",
                       unfrozen, f"{pb.method:,}", f"{pb.decoders:,}", paper, note)
             del model
@@ -614,6 +619,106 @@ def profile(
         path = profile_path(results_dir, dataset, p["method"], p["variant"], dev.type)
         write_profile(p, path)
         console.print(f"  wrote {path}")
+
+
+@app.command("interaction-cost")
+def interaction_cost_cmd(
+    decoder: str = typer.Option("inter_task_mha,inter_task_deformable", help="interaction decoders to compare"),
+    tasks: str = typer.Option("2..8", help="numbers of tasks: A..B or a comma list"),
+    sizes: str = typer.Option("448x448,448x576", help="input sizes HxW (PASCAL-Context 448x448, NYUD 448x576)"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    repeats: int = typer.Option(2, help="timed forward calls per point (median), after one warm-up"),
+    out: str = typer.Option("reports/figures/inter_task_cost", help="output stem: writes STEM.json and STEM.png"),
+) -> None:
+    """FLOPs and latency of inter-task interaction stages versus the number of tasks (Bohn et al. 2025's claim)."""
+    import json
+    from pathlib import Path
+
+    from mtbench.decoders import resolve_decoder
+    from mtbench.figures import cost_scaling_figure
+    from mtbench.measure import interaction_cost
+    from mtbench.results import atomic_write_text
+    from mtbench.runner import resolve_device, set_threads
+
+    try:
+        if ".." in tasks:
+            a, b = tasks.split("..")
+            counts = list(range(int(a), int(b) + 1))
+        else:
+            counts = [int(x) for x in tasks.split(",")]
+        dims = [tuple(int(v) for v in s.lower().split("x")) for s in sizes.split(",")]
+    except ValueError:
+        raise MtbenchError(f"--tasks {tasks!r} / --sizes {sizes!r}: expected e.g. 2..8 or 2,4 and 448x448,448x576")
+    if not counts or min(counts) < 1 or any(len(d) != 2 or min(d) < 32 for d in dims):
+        raise MtbenchError(f"--tasks {tasks!r} / --sizes {sizes!r}: need task counts >= 1 and sizes HxW >= 32")
+    if repeats < 1:
+        raise MtbenchError(f"--repeats must be >= 1, got {repeats}")
+    names = [resolve_decoder(d.strip(), "swin_tiny_patch4_window7_224").name for d in decoder.split(",")]
+    dev = resolve_device(device)
+    set_threads()
+    rows = []
+    t = Table(title=f"interaction stages alone, Swin-T neck widths, batch 1, device {dev}", title_justify="left")
+    for c in ("decoder", "size", "T", "GFLOPs", "latency (ms)"):
+        t.add_column(c, justify="left" if c in ("decoder", "size") else "right")
+    for h, w in dims:
+        for n in counts:
+            for name in names:
+                r = interaction_cost(name, n, (h, w), device=str(dev), repeats=repeats)
+                rows.append(r)
+                t.add_row(name, f"{h}x{w}", str(n), f"{r['flops'] / 1e9:.3f}", f"{r['latency_ms']:.1f}")
+                console.print(f"{name} {h}x{w} T={n}: {r['flops'] / 1e9:.3f} GFLOPs, {r['latency_ms']:.1f} ms")
+    console.print(t)
+    if len(names) == 2:
+        for h, w in dims:
+            for n in counts:
+                a, b = (next(r for r in rows if (r["decoder"], r["tasks"], r["height"]) == (nm, n, h)
+                             and r["width"] == w) for nm in names)
+                console.print(f"{h}x{w} T={n}: {names[0]} / {names[1]} = {a['flops'] / b['flops']:.1f}x FLOPs, "
+                              f"{a['latency_ms'] / b['latency_ms']:.1f}x latency")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(out + ".json"), json.dumps(rows, indent=1) + "\n")
+    cost_scaling_figure(rows, out + ".png", title=f"inter-task interaction stages, Swin-T neck, device {dev}")
+    console.print(f"wrote {out}.json and {out}.png")
+
+
+@app.command("train-memory")
+def train_memory_cmd(
+    methods: str = typer.Option("tdss,mtlora,tadformer", "--methods", "-m", help="methods (with options)"),
+    dataset: str = typer.Option("pascal_context", help="setting: pascal_context / nyud (Swin-T 448) or synthetic"),
+    batch_size: int = typer.Option(1, help="images per step"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+) -> None:
+    """Training-step memory (bytes saved for backward; CUDA peak on CUDA) and step time, beside TDSS Table 3."""
+    import torch
+
+    from mtbench.config import parse_method_specs
+    from mtbench.measure import count_params, train_step_memory
+    from mtbench.registry import build_model, resolve_spec
+    from mtbench.runner import DATASET_BACKBONE, resolve_device, set_threads
+    from mtbench.swin import create_backbone
+    from mtbench.tasks import resolve_tasks
+
+    if dataset not in DATASET_BACKBONE:
+        raise MtbenchError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASET_BACKBONE)}")
+    if batch_size < 1:
+        raise MtbenchError(f"--batch-size must be >= 1, got {batch_size}")
+    specs = [resolve_spec(s) for s in parse_method_specs(methods)]
+    dev = resolve_device(device)
+    set_threads()
+    task_specs = resolve_tasks(dataset)
+    t = Table(title=f"one training step, {DATASET_BACKBONE[dataset]}, batch {batch_size}, device {dev}",
+              title_justify="left")
+    for c in ("method", "#TP", "saved for backward (MB)", "CUDA peak (MB)", "s/step"):
+        t.add_column(c, justify="left" if c == "method" else "right")
+    for rm in specs:
+        bb = create_backbone(DATASET_BACKBONE[dataset])
+        model = build_model(rm, bb, task_specs).to(dev)
+        images = torch.randn(batch_size, 3, *bb.img_size, device=dev)
+        r = train_step_memory(model, images)
+        t.add_row(rm.spec.name + "".join(f",{k}={v}" for k, v in rm.spec.options.items()), f"{count_params(model).trainable:,}", f"{r['saved_mb']:.1f}",
+                  "-" if r["cuda_peak_mb"] is None else f"{r['cuda_peak_mb']:.0f}", f"{r['step_seconds']:.2f}")
+        del model
+    console.print(t)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -7,8 +7,9 @@ compare encoders.
 * **neck** (per task): 1x1 convs (no bias) reducing the four backbone taps to 18/36/72/144 channels (HRNet-w18
   widths; MTLoRA's "Downsampler").
 * **interaction** (all tasks): ``{task: [4 NCHW maps]} -> ({task: [4 maps]}, aux_losses)``; identity by default.
-  Inter-task modules (InvPT-style attention, deformable inter-task attention) plug in here through
-  :func:`register_interaction`.
+  Inter-task modules plug in here through :func:`register_interaction` and are chosen with
+  ``--decoder NAME`` (on the backbone's default decoder) or ``--decoder BASE+NAME``: ``inter_task_mha`` and
+  ``inter_task_deformable`` (:mod:`mtbench.intertask`).
 * **head** (per task): scales 2-4 bilinearly upsampled to scale 1 and concatenated (270 channels), 1x1 conv
   270 -> hidden (+bias), BatchNorm, ReLU, 1x1 conv hidden -> out, bilinear upsample to the input size.
 
@@ -130,13 +131,60 @@ register_decoder(DecoderSpec(
     HRNET_CHANNELS, "the original 270-wide HRNet head (Vandenhende et al.; the embedded default)"))
 
 
+#: Interaction stages usable on top of any decoder: name -> (factory ``(task names, neck widths) -> module``,
+#: description). ``--decoder NAME`` uses the backbone's default decoder with it, ``--decoder BASE+NAME`` another.
+INTERACTIONS: dict[str, tuple[Callable[[Sequence[str], Sequence[int]], nn.Module], str]] = {}
+
+
+def register_interaction(name: str, make: Callable[[Sequence[str], Sequence[int]], nn.Module],
+                         description: str) -> None:
+    """Add an interaction stage to :data:`INTERACTIONS`.
+
+    Raises:
+        ValueError: name already registered as a decoder or interaction (a programming error).
+    """
+    if name in INTERACTIONS or name in DECODERS:
+        raise ValueError(f"interaction {name!r} registered twice")
+    INTERACTIONS[name] = (make, description)
+
+
 def resolve_decoder(name: str | None, backbone_name: str) -> DecoderSpec:
     """The decoder ``name``, or the backbone's default when None.
+
+    ``name`` may also be an interaction of :data:`INTERACTIONS` (on the backbone's default decoder) or
+    ``BASE+INTERACTION``; the resolved spec's name is always ``BASE+INTERACTION`` (what result files record).
 
     Raises:
         MtbenchError: unknown name (the message lists the valid ones).
     """
-    key = name or DEFAULT_DECODER.get(backbone_name, "mtlora_hrnet")
-    if key not in DECODERS:
-        raise MtbenchError(f"unknown decoder {name!r}; valid: {', '.join(DECODERS)}")
-    return DECODERS[key]
+    default = DEFAULT_DECODER.get(backbone_name, "mtlora_hrnet")
+    key = name or default
+    base, _, inter = key.partition("+") if "+" in key else (
+        (default, "+", key) if key in INTERACTIONS else (key, "", ""))
+    if base not in DECODERS or (inter and inter not in INTERACTIONS):
+        valid = list(DECODERS) + list(INTERACTIONS) + [f"DECODER+{i}" for i in INTERACTIONS]
+        raise MtbenchError(f"unknown decoder {name!r}; valid: {', '.join(valid)}")
+    if not inter:
+        return DECODERS[base]
+    spec = DECODERS[base]
+    return DecoderSpec(f"{base}+{inter}", spec.make_task, INTERACTIONS[inter][0], spec.neck_channels,
+                       f"{spec.description}, with the interaction stage {inter}")
+
+
+def _register_builtin_interactions() -> None:
+    from mtbench.intertask import InterTaskAttention
+    from mtbench.tsai import TSAI_DIM, BranchSynergy, TSAITaskDecoder
+
+    register_decoder(DecoderSpec(
+        "tsai", lambda dims, out: TSAITaskDecoder(dims, out), lambda tasks, ch: BranchSynergy(tasks), (TSAI_DIM,),
+        "TDSS's TSAI: per-task SegFormer scale fusion, K=4 deformable synergy layers with the global feature, "
+        "conv heads (mtbench.tsai)"))
+
+    register_interaction("inter_task_mha", lambda tasks, ch: InterTaskAttention(tasks, ch, mixer="mha"),
+                         "full multi-head self-attention across all tasks' tokens (InvPT-style, quadratic in T)")
+    register_interaction("inter_task_deformable", lambda tasks, ch: InterTaskAttention(tasks, ch, mixer="deformable"),
+                         "deformable inter-task self-attention, task maps as levels (reconstruction of Bohn et al. "
+                         "2025 from its abstract)")
+
+
+_register_builtin_interactions()

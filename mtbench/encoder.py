@@ -30,7 +30,8 @@ blocks and never calls private timm functions; it changes the encoder through fi
    ``pre_block`` hook.
 5. **Lateral paths**: ``attn_output``/``mlp_output`` hooks see the sublayer's input and output; keep the lateral
    features in ``ctx.state`` (the frozen backbone needs no grad and saves nothing when nothing trainable feeds it),
-   and read them in ``stage_end``, which also sees the stage's taps.
+   and read them in ``stage_end``, which also sees the stage's taps and may return per-task features that replace
+   the taps the task decoders receive (TDSS's lateral task features, ``methods/tdss.py``).
 
 Worked example (the test-only method ``tests/methods_for_tests.py``): a per-task bias on every block's MLP output::
 
@@ -375,7 +376,10 @@ def encode(model: nn.Module, images: torch.Tensor) -> tuple[dict[str, list[torch
         taps = split_streams(tap, layout.size)
         for t in tasks:
             feats[t].append(taps[layout.index(t) if t in layout.names else layout.index(SHARED)])
-        model.stage_end(i, layout, taps, state)
+        lateral = model.stage_end(i, layout, taps, state)
+        if lateral is not None:  # a lateral path's own per-task taps replace what the decoders receive
+            for t in tasks:
+                feats[t][-1] = lateral[t]
         if i < bb.num_stages - 1:
             if not plan.task_blocks(i + 1, 0, len(bb.blocks(i + 1))) and layout.size > 1:
                 if not layout.has_shared:
@@ -423,8 +427,16 @@ class EncoderHooks:
         """
         raise MtbenchError(f"{type(self).__name__} has prompts but does not define merge_prompts")
 
-    def stage_end(self, stage: int, layout: StreamLayout, taps: torch.Tensor, state: dict) -> None:
-        """Called after each stage with the taps ``[S, B, h, w, C']`` of every stream (lateral paths)."""
+    def stage_end(self, stage: int, layout: StreamLayout, taps: torch.Tensor,
+                  state: dict) -> dict[str, torch.Tensor] | None:
+        """Called after each stage with the taps ``[S, B, h, w, C']`` of every stream (lateral paths).
+
+        Returns:
+            None (the decoders receive the streams' taps), or ``{task: NHWC [B, h, w, C']}``: a lateral path's own
+            per-task features of this stage, which replace the taps the task decoders receive (the next stage still
+            continues from the backbone's streams).
+        """
+        return None
 
 
 class PlainClient(EncoderHooks):

@@ -66,3 +66,43 @@ def attention_figure(model, images: torch.Tensor, out: str | Path, stage: int = 
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def cost_scaling_figure(rows: list[dict], out: str | Path, title: str = "") -> Path:
+    """FLOPs and latency versus the number of tasks, one line per (decoder, input size), log scale; saved as PNG.
+
+    Args:
+        rows: dicts of :func:`mtbench.measure.interaction_cost` (``decoder, tasks, height, width, flops,
+            latency_ms``).
+        out: output PNG path (parent directories are created).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    keys = sorted({(r["decoder"], r["height"], r["width"]) for r in rows})
+    for dec, h, w in keys:
+        sel = sorted((r for r in rows if (r["decoder"], r["height"], r["width"]) == (dec, h, w)),
+                     key=lambda r: r["tasks"])
+        label = f"{dec.split('+')[-1]} {h}x{w}"
+        style = "-" if "mha" in dec else "--"
+        axes[0].plot([r["tasks"] for r in sel], [r["flops"] / 1e9 for r in sel], style, marker="o", label=label)
+        axes[1].plot([r["tasks"] for r in sel], [r["latency_ms"] for r in sel], style, marker="o", label=label)
+    for ax, name in zip(axes, ("GFLOPs (fvcore, multiply-adds)", "latency (ms, batch 1)")):
+        ax.set_yscale("log")
+        ax.set_xlabel("number of tasks T")
+        ax.set_ylabel(name)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    tmp = out.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(out)
+    return out

@@ -163,7 +163,8 @@ def plan(req: RunRequest) -> tuple[list[TaskSpec], list[PlannedRun], TrainConfig
     if req.checkpoint_minutes < 0:
         raise MtbenchError(f"--checkpoint-minutes must be >= 0, got {req.checkpoint_minutes}")
     backbone = get_dataset(req.dataset).backbone
-    req.decoder = resolve_decoder(req.decoder, backbone).name  # validates the name before anything runs
+    if req.decoder is not None:  # validated before anything runs; None keeps each method's own default decoder
+        resolve_decoder(req.decoder, backbone)
     runs = []
     for spec in parse_method_specs(req.methods):
         rm = resolve_spec(spec)
