@@ -93,8 +93,8 @@ def run(
     existing: str = typer.Option("skip", help="if the result file exists: skip | error | overwrite"),
     max_train_batches: int = typer.Option(0, help="cap batches per epoch (0 = all; smoke tests)"),
     train_size: Optional[int] = typer.Option(None, help="use only the first N training images (synthetic)"),
-    decoder: Optional[str] = typer.Option(None, help="decoder (mtbench.decoders): mtlora_hrnet | hrnet_270; default "
-                                          "per backbone (Swin-T: mtlora_hrnet, embedded: hrnet_270)"),
+    decoder: Optional[str] = typer.Option(None, help="decoder (mtbench.decoders): mtlora_hrnet | hrnet_270 | "
+                                          "polyhistor_hrnet; default per backbone (Swin-T: mtlora_hrnet, embedded: hrnet_270)"),
 ) -> None:
     """Train, select on validation, evaluate on test, and write one result file per method."""
     from mtbench.runner import RunRequest, build_datasets, default_command, plan, resolve_device, run_one, set_threads
@@ -176,8 +176,10 @@ def params(
     t = Table(title=f"#TP, {DATASET_BACKBONE[dataset]} setting, decoder {decoder}, tasks: "
                     f"{', '.join(x.name for x in task_specs)}",
               title_justify="left")
-    for c in ("method", "options", "#TP", "backbone unfrozen", "method modules", "decoders", "paper (M)", "source / note"):
-        t.add_column(c, justify="right" if c in ("#TP", "method modules", "decoders", "paper (M)") else "left")
+    for c in ("method", "options", "#TP", "backbone unfrozen", "method modules", "decoders", "paper (M)", "vs paper",
+              "source / note"):
+        t.add_column(c, justify="right" if c in ("#TP", "method modules", "decoders", "paper (M)", "vs paper")
+                     else "left")
     for info in list_methods():
         if wanted is not None and info.name not in wanted:
             continue
@@ -194,10 +196,16 @@ def params(
             unfrozen = ", ".join(f"{k} {v:,}" for k, v in pb.backbone_unfrozen.items()) or "-"
             paper = "-" if pc is None or pc.millions is None else f"{pc.millions:.2f}"
             note = "" if pc is None else (pc.source + (f"; {pc.note}" if pc.note else ""))
-            if pc is not None and pc.exact is not None:
+            same_decoder = pc is not None and pc.decoder == decoder
+            if pc is not None and pc.exact is not None and same_decoder:
                 note = ("✔ " if pb.trainable == pc.exact else f"✘ expected {pc.exact:,}; ") + note
+            elif pc is not None and not same_decoder:
+                note = f"(paper on decoder {pc.decoder}) " + note
+            vs = "-"
+            if pc is not None and pc.millions is not None:
+                vs = f"{100 * (pb.trainable / 1e6 - pc.millions) / pc.millions:+.1f}%"
             t.add_row(info.name, ",".join(f"{k}={v}" for k, v in opts.items()) or "default", f"{pb.trainable:,}",
-                      unfrozen, f"{pb.method:,}", f"{pb.decoders:,}", paper, note)
+                      unfrozen, f"{pb.method:,}", f"{pb.decoders:,}", paper, vs, note)
             del model
     console.print(t)
     console.print(f"[dim]{COUNTING_RULE}[/dim]")
