@@ -188,7 +188,8 @@ def params(
         if not any(all(defaults.get(k) == v for k, v in pc.options.items()) for pc in rows):
             rows.insert(0, None)  # the default configuration, when no paper row is it
         for pc in rows:
-            opts = {} if pc is None else {k: str(v).lower() if isinstance(v, bool) else str(v)
+            opts = {} if pc is None else {k: str(v).lower() if isinstance(v, bool) else
+                                          "+".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
                                           for k, v in pc.options.items()}
             rm = resolve_spec(MethodSpec(info.name, opts))
             model = build_model(rm, create_backbone(DATASET_BACKBONE[dataset]), task_specs, decoder=decoder)
