@@ -61,10 +61,8 @@ class LoRAConfig(MethodConfig):
     code="https://github.com/microsoft/LoRA (single-task); MTL baseline: none",
     summary="LoRA on the chosen linears (default attention qkv, r=4, s=4), one for all tasks (shared) or one per "
             "task (dedicated)",
-    paper_counts=[PaperCount({}, 2.87, "TADFormer / MTLoRA Table 1",
-                             note="the table's 2.87M sits on Polyhistor's ~2.55M decoder and an unknown LoRA "
-                                  "placement (MTLoRA issue #8); on MTLoRA's decoder r=4 qkv-LoRA gives 2.02M"),
-                  PaperCount({"share": "dedicated"}, 2.87, "TADFormer Table 1 'LoRA'; TDSS Table 1 'LoRA(ded.)'",
+    paper_counts=[PaperCount({"share": "dedicated"}, 2.87,
+                             "TADFormer / MTLoRA Table 1 'LoRA'; TDSS Table 1 'LoRA(ded.)'",
                              exact=2_829_464, decoder="polyhistor_hrnet",
                              note="placement cannot be pinned: ~10K per task unexplained (method docstring)"),
                   PaperCount({"share": "shared"}, 2.68, "TDSS Table 1 'LoRA(sha.)'", exact=2_617_496,

@@ -50,8 +50,9 @@ from mtbench.streams import SHARED, StreamLayout, TaskIndexed
 from mtbench.swin import merge_prompts_by_copies
 
 _PH = "polyhistor_hrnet"
-_TDSS = ("TDSS's sha. VPT rows = TADFormer's dedicated rows - 1.94M (decoder-only): our dedicated count minus "
-         "1,946,624 = {:,}; a shared prompt set gives the #TP in this row")
+_TDSS = ("reading: TDSS's sha. VPT rows are TADFormer's printed dedicated rows minus 1.94M (decoder-only), "
+         "four prompt sets, not one (deep - shallow = 0.86M in both tables); our dedicated count minus 1,946,624 = "
+         "{:,}. The #TP here is a real shared prompt set")
 
 
 class PromptTokens(nn.Module):
