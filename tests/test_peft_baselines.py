@@ -201,7 +201,7 @@ def test_polyhistor_decoder_and_table1_counts():
 
     tasks = resolve_tasks("pascal_context")
     expected = {("decoder_only", ()): 2_546_840, ("adapter", ("share", "dedicated")): 11_240_216,
-                ("bitfit", ("share", "dedicated")): 2_845_952, ("vpt_deep", ("share", "dedicated")): 3_430_040}
+                ("vpt_deep", ("share", "dedicated")): 3_430_040}
     for (name, opt), n in expected.items():
         rm = resolve_spec(MethodSpec(name, dict([opt]) if opt else {}))
         model = build_model(rm, create_backbone("swin_tiny_patch4_window7_224"), tasks, decoder="polyhistor_hrnet")
@@ -217,3 +217,13 @@ def test_bad_share_is_a_one_line_cli_error(tmp_path):
         r.stdout.strip().endswith("is not one of shared, dedicated")
     assert "Traceback" not in r.stderr + r.stdout
     assert not any(tmp_path.iterdir())
+
+
+def test_params_on_the_old_decoder_through_the_cli():
+    r = subprocess.run([sys.executable, "-m", "mtbench.cli", "params", "--methods", "bitfit", "--decoder",
+                        "polyhistor_hrnet"], capture_output=True, text=True, env={**__import__("os").environ,
+                                                                                   "COLUMNS": "250"})
+    assert r.returncode == 0, r.stderr
+    for needle in ["decoder polyhistor_hrnet", "2,845,952", "2,621,618", "BitFit(ded.)", "BitFit(sha.)"]:
+        assert needle in r.stdout, needle
+    assert "✘" not in r.stdout
