@@ -42,7 +42,7 @@ def list_cmd() -> None:
         else:
             console.print("  options: none")
         if info.variants:
-            console.print("  variants: " + "; ".join(f"{v} = {info.name}:" + ",".join(f"{k}={x}" for k, x in p.items())
+            console.print("  variants: " + "; ".join(f"{v} = {info.name}:" + ",".join(f"{k}={'+'.join(map(str, x)) if isinstance(x, (tuple, list)) else x}" for k, x in p.items())
                                                     for v, p in info.variants.items()))
         console.print()
 
