@@ -5,3 +5,4 @@ registers every method (the registry does so lazily), in the order below.
 """
 
 from methods import single_task, mtl_full, decoder_only, lora, mtlora, tadformer, hyperformer, polyhistor, vmt_adapter, ditask, tdss  # noqa: F401  (registration side effects)
+from methods import adapter, bitfit, compacter, vpt  # noqa: F401  (issue 8: the PEFT baselines of Table 1)

@@ -43,7 +43,7 @@ def list_cmd() -> None:
         else:
             console.print("  options: none")
         if info.variants:
-            console.print("  variants: " + "; ".join(f"{v} = {info.name}:" + ",".join(f"{k}={x}" for k, x in p.items())
+            console.print("  variants: " + "; ".join(f"{v} = {info.name}:" + ",".join(f"{k}={'+'.join(map(str, x)) if isinstance(x, (tuple, list)) else x}" for k, x in p.items())
                                                     for v, p in info.variants.items()))
         console.print()
 
@@ -124,7 +124,8 @@ def run(
     time: str = typer.Option("24:00", "--time", help="wall-clock limit per job, HH:MM (--launcher)"),
     wait: bool = typer.Option(False, "--wait", help="wait for submitted jobs to end (always with --launcher local)"),
     no_record: bool = typer.Option(False, "--no-record", hidden=True, help="do not record a sweep (child runs)"),
-    decoder: Optional[str] = typer.Option(None, help="decoder (mtbench.decoders): mtlora_hrnet | hrnet_270 | tsai, or an "
+    decoder: Optional[str] = typer.Option(None, help="decoder (mtbench.decoders): mtlora_hrnet | hrnet_270 | polyhistor_hrnet | tsai, "
+                                          "or an "
                                           "interaction on the default decoder (inter_task_mha | inter_task_deformable) "
                                           "or DECODER+INTERACTION; default "
                                           "per backbone (Swin-T: mtlora_hrnet, embedded: hrnet_270)"),
@@ -356,8 +357,10 @@ def params(
     wanted = None if methods is None else {resolve(m.strip())[0].name for m in methods.split(",") if m.strip()}
     t = Table(title=f"#TP, {backbone} setting, decoder {decoder}, tasks: {', '.join(x.name for x in task_specs)}",
               title_justify="left")
-    for c in ("method", "options", "#TP", "backbone unfrozen", "method modules", "decoders", "paper (M)", "source / note"):
-        t.add_column(c, justify="right" if c in ("#TP", "method modules", "decoders", "paper (M)") else "left")
+    for c in ("method", "options", "#TP", "backbone unfrozen", "method modules", "decoders", "paper (M)", "vs paper",
+              "source / note"):
+        t.add_column(c, justify="right" if c in ("#TP", "method modules", "decoders", "paper (M)", "vs paper")
+                     else "left")
     for info in list_methods():
         if wanted is not None and info.name not in wanted:
             continue
@@ -366,7 +369,8 @@ def params(
         if not any(all(defaults.get(k) == v for k, v in pc.options.items()) for pc in rows):
             rows.insert(0, None)  # the default configuration, when no paper row is it
         for pc in rows:
-            opts = {} if pc is None else {k: str(v).lower() if isinstance(v, bool) else str(v)
+            opts = {} if pc is None else {k: str(v).lower() if isinstance(v, bool) else
+                                          "+".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
                                           for k, v in pc.options.items()}
             rm = resolve_spec(MethodSpec(info.name, opts))
             model = build_model(rm, create_backbone(backbone), task_specs, decoder=chosen)
@@ -374,12 +378,13 @@ def params(
             unfrozen = ", ".join(f"{k} {v:,}" for k, v in pb.backbone_unfrozen.items()) or "-"
             paper = "-" if pc is None or pc.millions is None else f"{pc.millions:.2f}"
             note = "" if pc is None else (pc.source + (f"; {pc.note}" if pc.note else ""))
-            if pc is not None and pc.exact is not None:
+            same_decoder = pc is not None and pc.decoder == decoder
+            if pc is not None and pc.exact is not None and same_decoder:
                 note = ("✔ " if pb.trainable == pc.exact else f"✘ expected {pc.exact:,}; ") + note
             if model.decoder_name != decoder:
                 note = f"decoder {model.decoder_name}; " + note
             t.add_row(info.name, ",".join(f"{k}={v}" for k, v in opts.items()) or "default", f"{pb.trainable:,}",
-                      unfrozen, f"{pb.method:,}", f"{pb.decoders:,}", paper, note)
+                      unfrozen, f"{pb.method:,}", f"{pb.decoders:,}", paper, vs, note)
             del model
     console.print(t)
     console.print(f"[dim]{COUNTING_RULE}[/dim]")

@@ -157,3 +157,13 @@ def parse_method_specs(text: str) -> list[MethodSpec]:
     if not specs:
         raise MtbenchError("no method given; use e.g. --methods mtlora,lora (see `mtbench list`)")
     return [MethodSpec(n, o) for n, o in specs]
+
+
+def share_field(default: str = "dedicated"):
+    """The ``share`` option of every method that offers both multi-task conventions (TDSS Table 1 "sha." / "ded."):
+    ``shared`` = one set of modules for all tasks, one backbone pass; ``dedicated`` = one set per task, the task
+    streams stacked on the batch through one frozen-backbone call (:meth:`mtbench.model.MultiTaskModel.use_convention`).
+    """
+    return dataclasses.field(default=default, metadata={
+        "help": "shared: one module set for all tasks, one backbone pass; dedicated: one set per task, T stacked "
+                "backbone passes", "choices": ("shared", "dedicated")})

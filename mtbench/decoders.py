@@ -18,6 +18,23 @@ Decoders: ``mtlora_hrnet`` is MTLoRA's head (Agiza et al., CVPR 2024, §4.1; off
 for PASCAL-Context's four tasks on Swin-T (the papers' default). ``hrnet_270`` is the original 270-wide head of
 Vandenhende et al. (TPAMI 2021, ``SimonVandenhende/Multi-Task-Learning-PyTorch models/seg_hrnet.py``), the
 embedded default: the 1080-wide head costs 3x the small backbone's compute on a CPU.
+
+``polyhistor_hrnet`` is the decoder the older rows of TADFormer's and TDSS's Table 1 sit on (rows copied from
+Polyhistor's 2022 benchmark, Liu et al. NeurIPS 2022, whose code was never released). Its architecture is not
+published; mtbench reconstructs it as MTLoRA's head with a wider hidden conv, 1614 channels, the width whose size
+matches what the printed rows imply (``shared/reference/methods.md`` §0). Derivation, PASCAL-Context 4 tasks,
+Swin-T backbone 27,517,818 parameters; every printed number is rounded to 0.01M, so each row bounds the decoder D:
+
+* MTL full fine-tuning 30.06M = 27,517,818 + D  ->  D in [2.5372, 2.5472]M
+* BitFit 2.85M = D + 4 x (51,456 biases + 23,322 rel-pos tables)  ->  D in [2.5459, 2.5559]M
+* VPT-shallow 2.57M = D + 4 x 50 x 96 prompts  ->  D in [2.5458, 2.5558]M
+* VPT-deep 3.43M = D + 4 x 50 x 4416 prompts  ->  D in [2.5418, 2.5518]M
+* single-task 112.62M = 4 x 27,517,818 + D  ->  D in [2.5437, 2.5537]M; decoder-only (TDSS) 2.55M
+
+so D lies in [2.5459, 2.5472]M, about 0.600M (150K per task) above MTLoRA's 1,946,624. MTLoRA's head with hidden
+width h has ``4 x (183,168 + 273 h) + 33 h + 32`` parameters for these tasks (output channels 21/7/1/3), so h = 1614
+(2,546,840) is the one integer width inside the interval. What the extra ~150K per task really was (another head
+layout, e.g. different reducers) cannot be recovered from the tables; only its size is pinned.
 """
 
 from __future__ import annotations
@@ -43,20 +60,21 @@ class HRNetHead(nn.Module):
         out_channels: task output channels.
         channels: widths after the 1x1 reducers (sum 270 by default).
         hidden_ratio: width of the hidden 1x1 conv as a multiple of ``sum(channels)`` (MTLoRA: 4 -> 1080).
+        hidden: the hidden width itself (overrides ``hidden_ratio``; the fitted old-benchmark head, 1614).
 
     Shapes: :meth:`neck` four NCHW maps -> four maps of ``channels`` widths; :meth:`head` those and ``size`` ->
     ``[B, out_channels, *size]``; ``forward(feats, size)`` = ``head(neck(feats), size)``.
     """
 
     def __init__(self, in_dims: Sequence[int], out_channels: int, channels: Sequence[int] = HRNET_CHANNELS,
-                 hidden_ratio: int = 4):
+                 hidden_ratio: int = 4, hidden: int | None = None):
         super().__init__()
         if len(in_dims) != len(channels):
             raise ValueError(f"HRNetHead needs {len(channels)} input scales, got {len(in_dims)}")
         self.channels = tuple(channels)
         self.reducers = nn.ModuleList(nn.Conv2d(i, c, 1, bias=False) for i, c in zip(in_dims, channels))
         total = sum(channels)
-        hidden = hidden_ratio * total
+        hidden = hidden if hidden is not None else hidden_ratio * total
         self.fuse = nn.Sequential(
             nn.Conv2d(total, hidden, 1),
             nn.BatchNorm2d(hidden, momentum=0.1),
@@ -129,6 +147,13 @@ register_decoder(DecoderSpec(
 register_decoder(DecoderSpec(
     "hrnet_270", lambda dims, out: HRNetHead(dims, out, hidden_ratio=1), lambda tasks, ch: IdentityInteraction(),
     HRNET_CHANNELS, "the original 270-wide HRNet head (Vandenhende et al.; the embedded default)"))
+#: Hidden width of the reconstructed old-benchmark head (module docstring: the one width consistent with Table 1).
+POLYHISTOR_HIDDEN = 1614
+register_decoder(DecoderSpec(
+    "polyhistor_hrnet", lambda dims, out: HRNetHead(dims, out, hidden=POLYHISTOR_HIDDEN),
+    lambda tasks, ch: IdentityInteraction(), HRNET_CHANNELS,
+    "the old benchmark's decoder behind the Polyhistor-era rows of Table 1 (2.547M on PASCAL; size-fitted, hidden "
+    "1614)"))
 
 
 #: Interaction stages usable on top of any decoder: name -> (factory ``(task names, neck widths) -> module``,

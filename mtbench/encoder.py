@@ -84,11 +84,15 @@ class StreamPlan:
         split_at: where a task block whose input is shared splits it: ``"block"`` (before ``norm1``: the whole block
             runs per stream) or ``"proj"`` (attention runs once on the shared input; the attention output is
             handed to each task stream at the output projection, see :meth:`BlockExtension.split`).
+        embed_per_stream: dedicated plans only: the patch embedding itself runs on the task streams (images stacked
+            T times under the task layout), for methods with per-task patch-embedding parameters (BitFit's
+            dedicated biases); otherwise it runs once and its output is repeated.
     """
 
     task_blocks: Callable[[int, int, int], bool] = field(default=lambda stage, index, depth: False)
     keep_shared: bool = True
     split_at: str = "block"
+    embed_per_stream: bool = False
 
     @classmethod
     def shared(cls) -> "StreamPlan":
@@ -96,9 +100,10 @@ class StreamPlan:
         return cls()
 
     @classmethod
-    def dedicated(cls) -> "StreamPlan":
+    def dedicated(cls, embed_per_stream: bool = False) -> "StreamPlan":
         """Task streams from the patch embedding on, no shared stream ("ded." convention, one batched pass)."""
-        return cls(lambda stage, index, depth: True, keep_shared=False, split_at="block")
+        return cls(lambda stage, index, depth: True, keep_shared=False, split_at="block",
+                   embed_per_stream=embed_per_stream)
 
     @classmethod
     def last_block_per_stage(cls, split_at: str = "proj") -> "StreamPlan":
@@ -208,6 +213,11 @@ class BlockExtension(nn.Module):
         """
         return repeat_streams(values, len(ctx.layout.tasks))
 
+    def rel_pos_bias(self, ctx: BlockContext, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """The block's relative-position bias ``[S, heads, N, N]`` (one per stream of ``ctx.layout``, or ``S`` = 1),
+        or None for the block's own table (the default). BitFit's per-task tables."""
+        return bias
+
     def attn_output(self, ctx: BlockContext, inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Attention branch output (projected, windows reversed, before drop-path and residual).
 
@@ -263,7 +273,11 @@ def run_block(block: nn.Module, x: torch.Tensor, ctx: BlockContext, extensions: 
             prompts = repeat_streams(prompts, x.shape[0] // prompts.shape[0])
         p_in = block.norm1(prompts)
     want_maps = P > 0 and any(e.wants_prompt_maps(ctx) for e in extensions)
-    att = window_attention(block.attn, windows, block.attn_mask, p_in, return_prompt_maps=want_maps)
+    rel_bias = None
+    for e in extensions:
+        rel_bias = e.rel_pos_bias(ctx, rel_bias)
+    att = window_attention(block.attn, windows, block.attn_mask, p_in, return_prompt_maps=want_maps,
+                           rel_bias=rel_bias)
     ctx.attention = att
     attn = block.attn
     if split:
@@ -333,15 +347,20 @@ def encode(model: nn.Module, images: torch.Tensor) -> tuple[dict[str, list[torch
     bb = model.backbone
     plan: StreamPlan = model.stream_plan
     tasks = tuple(model.task_names)
-    x = bb.embed(images)
-    B = x.shape[0]
+    B = images.shape[0]
     layout = StreamLayout((SHARED,), B)
     state: dict[str, Any] = {}
     aux: dict[str, torch.Tensor] = {}
     first_depth = len(bb.blocks(0))
     if plan.task_blocks(0, 0, first_depth) and not plan.keep_shared:  # dedicated: split before the first block
         layout = StreamLayout(tasks, B)
-        x = repeat_streams(x, len(tasks))
+        if plan.embed_per_stream:
+            with stream_layout(layout):
+                x = bb.embed(repeat_streams(images, len(tasks)))
+        else:
+            x = repeat_streams(bb.embed(images), len(tasks))
+    else:
+        x = bb.embed(images)
     prompts = model.init_prompts(layout)
     feats: dict[str, list[torch.Tensor]] = {t: [] for t in tasks}
     for i in range(bb.num_stages):

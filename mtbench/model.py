@@ -98,6 +98,20 @@ class MultiTaskModel(EncoderHooks, nn.Module):
         mods = self.block_extensions[f"{stage}_{index}"] if f"{stage}_{index}" in self.block_extensions else None
         return list(mods) if mods is not None else []
 
+    def use_convention(self, share: str, embed_per_stream: bool = False) -> None:
+        """The shared/dedicated convention (:func:`mtbench.config.share_field`): ``dedicated`` sets
+        :meth:`mtbench.encoder.StreamPlan.dedicated` (task streams from the patch embedding on, stacked on the batch,
+        one backbone call); ``shared`` keeps one shared stream. Modules follow it through
+        :class:`mtbench.streams.TaskIndexed` built with the same ``share``.
+
+        Raises:
+            MtbenchError: ``share`` not ``shared``/``dedicated``.
+        """
+        if share not in ("shared", "dedicated"):
+            raise MtbenchError(f"share={share!r} is not one of shared, dedicated")
+        self.share = share
+        self.stream_plan = StreamPlan.dedicated(embed_per_stream) if share == "dedicated" else StreamPlan.shared()
+
     # ------------------------------------------------------------------ declaration of what trains
     def add_method_params(self, params: Iterable[nn.Parameter] | nn.Module) -> None:
         """Declare parameters (or all parameters of a module) that this method adds; they are trainable."""

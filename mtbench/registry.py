@@ -27,6 +27,8 @@ class PaperCount:
         source: where it is printed (paper and table).
         exact: the exact count our build must give (asserted in tests), when it is known from the official code.
         note: why ours and the paper's may differ.
+        decoder: the decoder (:data:`mtbench.decoders.DECODERS` key) the printed count sits on; ``exact`` is
+            checked only under that decoder (``mtbench params --decoder``).
     """
 
     options: dict[str, Any]
@@ -34,6 +36,7 @@ class PaperCount:
     source: str
     exact: int | None = None
     note: str = ""
+    decoder: str = "mtlora_hrnet"
 
 
 @dataclass(frozen=True)

@@ -349,6 +349,7 @@ def window_attention(
     mask: torch.Tensor | None,
     prompts: torch.Tensor | None = None,
     return_prompt_maps: bool = False,
+    rel_bias: torch.Tensor | None = None,
 ) -> AttentionOutput:
     """Multi-head self-attention inside windows, optionally with prompt tokens prepended to every window.
 
@@ -364,6 +365,8 @@ def window_attention(
         mask: the block's shift mask ``[nW, N, N]`` (0 / -100) or None.
         prompts: ``[B, P, C]`` prompt tokens (already normalised by the block's ``norm1``) or None.
         return_prompt_maps: also return prompt-row attention logits and probabilities.
+        rel_bias: relative-position bias ``[S, heads, N, N]`` to use instead of the block's own table, one per stream
+            of the stacked windows (``S`` = 1: the same for all; per-task tables of BitFit's dedicated convention).
 
     Returns:
         :class:`AttentionOutput`.
@@ -377,13 +380,17 @@ def window_attention(
     heads = attn.num_heads
     qkv = attn.qkv(windows).reshape(B_, L, 3, heads, -1).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
-    bias = relative_position_bias(attn)  # [1, heads, N, N]
+    bias = relative_position_bias(attn) if rel_bias is None else rel_bias  # [S, heads, N, N], S = 1 or streams
+    Sb = bias.shape[0]
     if P:
         bias = F.pad(bias, (P, 0, P, 0))
     if mask is not None:
         nWm = mask.shape[0]
         m = F.pad(mask, (P, 0, P, 0)) if P else mask
-        bias = (bias.unsqueeze(1) + m.view(1, nWm, 1, L, L)).expand(B_ // nWm, -1, -1, -1, -1).reshape(B_, heads, L, L)
+        bias = (bias.view(Sb, 1, 1, heads, L, L) + m.view(1, 1, nWm, 1, L, L)).expand(
+            Sb, B_ // (Sb * nWm), nWm, heads, L, L).reshape(B_, heads, L, L)
+    elif Sb > 1:
+        bias = bias.view(Sb, 1, heads, L, L).expand(Sb, B_ // Sb, heads, L, L).reshape(B_, heads, L, L)
     if not return_prompt_maps:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
                                              dropout_p=attn.attn_drop.p if attn.training else 0.0)
@@ -453,3 +460,19 @@ def update_prompt_tokens(
         p = prompts + block.drop_path1(attn_p)
         return p + block.drop_path2(block.mlp(block.norm2(p)))
     return prompts + block.drop_path2(block.mlp(block.norm2(attn_p)))
+
+
+def merge_prompts_by_copies(merge: nn.Module, prompts: torch.Tensor) -> torch.Tensor:
+    """Prompt tokens through a PatchMerging as the official VPT-Swin code does: each prompt is widened ``C -> 4C`` by
+    concatenating 4 copies of itself (the learnable upsampling there is disabled), then goes through the merge's own
+    ``norm`` and ``reduction`` like a merged patch (``KMnP/vpt src/models/vit_prompt/swin_transformer.py``,
+    ``PromptedPatchMerging``).
+
+    Args:
+        merge: timm ``PatchMerging`` (``norm``, ``reduction``; possibly wrapped).
+        prompts: ``[B, P, C]``.
+
+    Returns:
+        ``[B, P, 2C]``.
+    """
+    return merge.reduction(merge.norm(torch.cat([prompts] * 4, dim=-1)))
