@@ -378,11 +378,17 @@ def params(
             unfrozen = ", ".join(f"{k} {v:,}" for k, v in pb.backbone_unfrozen.items()) or "-"
             paper = "-" if pc is None or pc.millions is None else f"{pc.millions:.2f}"
             note = "" if pc is None else (pc.source + (f"; {pc.note}" if pc.note else ""))
-            same_decoder = pc is not None and pc.decoder == decoder
+            actual = model.decoder_name  # a method may bring its own decoder (tdss: tsai)
+            same_decoder = pc is not None and pc.decoder == actual
             if pc is not None and pc.exact is not None and same_decoder:
                 note = ("✔ " if pb.trainable == pc.exact else f"✘ expected {pc.exact:,}; ") + note
-            if model.decoder_name != decoder:
-                note = f"decoder {model.decoder_name}; " + note
+            elif pc is not None and not same_decoder:
+                note = f"(paper on decoder {pc.decoder}) " + note
+            if actual != decoder:
+                note = f"decoder {actual}; " + note
+            vs = "-"
+            if pc is not None and pc.millions is not None:
+                vs = f"{100 * (pb.trainable / 1e6 - pc.millions) / pc.millions:+.1f}%"
             t.add_row(info.name, ",".join(f"{k}={v}" for k, v in opts.items()) or "default", f"{pb.trainable:,}",
                       unfrozen, f"{pb.method:,}", f"{pb.decoders:,}", paper, vs, note)
             del model
