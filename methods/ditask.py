@@ -39,6 +39,9 @@ Readings and options:
 * Resampling: ``S`` is read at ``u_i = i/(m-1)`` and linearly interpolated at ``φ(u_i)`` (``difw``'s
   ``transform_data``, which the official code calls with ``outsize = m``), singular values in ``torch.linalg.svd``'s
   descending order as ``torch.svd`` returns them.
+* As in MTLoRA's layout and the official code, the shared ``θ`` of ``proj``, ``fc1``, ``fc2`` in the network's final
+  block (3 × 63 = 189 numbers) never train: that block's shared stream feeds no decoder. They are counted, as the
+  official count does.
 * Evaluation: without grad, the warped weights are cached until a ``θ`` changes.
 
 #TP, Swin-T / PASCAL-Context (4 tasks, MTLoRA decoder), r=64: 3,549,338 (official code 3,549,482 = this + the 144
