@@ -54,7 +54,7 @@ def test_unknown_command():
 
 
 COMMANDS = ["list", "run", "eval", "status", "table", "params", "references", "pretrain", "attention", "profile",
-            "plot", "data"]
+            "plot", "data", "interaction-cost", "train-memory"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -80,6 +80,8 @@ def test_every_command_is_covered():
     (["profile", "--rounds", "3"], "--methods"),
     (["plot", "--results-dir"], "--results-dir"),
     (["table", "--kind"], "--kind"),
+    (["interaction-cost", "--repeats", "abc"], "--repeats"),
+    (["train-memory", "--batch-size", "x"], "--batch-size"),
 ])
 def test_bad_value_or_missing_argument(args, bad):
     """click names the option whose value is bad or missing (typer >= 0.26 no longer repeats the value itself)."""
