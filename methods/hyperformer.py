@@ -164,7 +164,7 @@ class HyperFormer(MultiTaskModel):
         self.cfg = cfg
         self.stream_plan = StreamPlan.dedicated()
         self.task_embeddings = TaskEmbeddings(self.task_names, cfg.task_embedding_dim)
-        depths = [len(backbone.blocks(i)) for i in range(backbone.num_stages)]
+        depths = backbone.depths
         self.hypernets = nn.ModuleList(self._stage_hypernet(dim, depth)
                                        for dim, depth in zip(backbone.stage_dims, depths))
         self.extend_blocks(lambda stage, index, block: HyperAdapters(self.hypernets[stage], index, self.task_names,

@@ -194,7 +194,7 @@ class Polyhistor(MultiTaskModel):
         self.cfg = cfg
         self.stream_plan = StreamPlan.dedicated()
         dims = backbone.stage_dims
-        depths = [len(backbone.blocks(i)) for i in range(backbone.num_stages)]
+        depths = backbone.depths
         self.offsets = [sum(depths[:i]) for i in range(len(depths))]
         d0 = dims[0]
         b0 = max(1, d0 // cfg.reduction_factor)

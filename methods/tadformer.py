@@ -330,8 +330,7 @@ class TADFormer(MultiTaskModel):
             p = torch.ones(len(names), dims[0])
             nn.init.trunc_normal_(p, mean=1.0, std=1.0, a=-2.0, b=2.0)
             self.task_prompts = nn.Parameter(p)
-            self.prompt_up = nn.ModuleList(nn.Linear(dims[i], dims[i + 1], bias=False)
-                                           for i in range(backbone.num_stages - 1))
+            self.prompt_up = nn.ModuleList(nn.Linear(c, c_next, bias=False) for c, c_next in zip(dims, dims[1:]))
             for up in self.prompt_up:  # official: the model-wide Linear init, trunc_normal(std=0.02)
                 nn.init.trunc_normal_(up.weight, std=0.02)
             self.add_method_params([self.task_prompts])
@@ -345,8 +344,8 @@ class TADFormer(MultiTaskModel):
             self.add_method_params(self.filters)
         self.tpc_norms = nn.ModuleList()
         if cfg.prompts and cfg.tpc == "official":
-            self.tpc_norms = nn.ModuleList(nn.ModuleList(nn.LayerNorm(dims[i]) for _ in backbone.blocks(i))
-                                           for i in range(backbone.num_stages))
+            self.tpc_norms = nn.ModuleList(nn.ModuleList(nn.LayerNorm(c) for _ in range(depth))
+                                           for c, depth in zip(dims, backbone.depths))
             self.add_method_params(self.tpc_norms)
         self.gates = nn.ModuleList()
         if cfg.tpc_active and cfg.skip == "gated":
@@ -415,7 +414,7 @@ class TADFormer(MultiTaskModel):
         """
         if self.task_prompts is None:
             raise MtbenchError("tadformer: task attention maps need task prompts (prompts=true)")
-        n = self.backbone.num_stages
+        n = len(self.backbone.stage_dims)
         if not 0 <= stage < n:
             raise MtbenchError(f"tadformer: stage must be in 0..{n - 1}, got {stage}")
         self.check_input(images)

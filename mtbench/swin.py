@@ -104,6 +104,11 @@ class SwinBackbone(nn.Module):
     def num_stages(self) -> int:
         return len(self.stages)
 
+    @property
+    def depths(self) -> list[int]:
+        """Blocks per stage, e.g. ``[2, 2, 6, 2]`` for Swin-T (methods size per-block modules from it)."""
+        return [len(s.blocks) for s in self.stages]
+
     def role_of(self, param: nn.Parameter) -> str | None:
         """The structural role of a backbone parameter, or None if it was not part of the original backbone."""
         return self._role_by_id.get(id(param))
