@@ -295,8 +295,7 @@ def run_one(req: RunRequest, tasks: list[TaskSpec], planned: PlannedRun, recipe:
                         images_per_s=round(fitted.images_per_s, 2), device=str(device), resumes=fitted.resumes,
                         processes=distributed.world_size()),
         identity=planned.identity, metrics=test_metrics, primary=prim, protocol=evaluation_protocol(req, tasks),
-        delta_m=DeltaM(value=dm, references=references if dm is not None else None,
-                       reference_source=ref_source if dm is not None else None),
+        delta_m=DeltaM(value=dm, references=references, reference_source=ref_source),
         params=params.to_dict(), env=environment(device),
     )
     if main:
