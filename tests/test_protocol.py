@@ -291,7 +291,8 @@ def test_paper_preset_end_to_end_on_miniature_pascal(pascal_root, tmp_path):  # 
                   "--eval-resolution", "original", "--device", "cpu")
     assert res.returncode == 0, res.stderr
     # the identity names every departure from the dataset's defaults in the path (mtbench.identity)
-    path = tmp_path / "pascal_context" / "mtlora" / "default_init=random_preset=paper_epochs=1_eval=original" / "seed0.json"
+    key = "default_init=random_preset=paper_epochs=1_eval=original"
+    path = tmp_path / "pascal_context" / "mtlora" / key / "seed0.json"
     r = json.loads(path.read_text())
     print(json.dumps({k: r[k] for k in ("run", "protocol", "delta_m", "primary")}, indent=1))
     assert r["run"]["preset"] == "paper" and r["train"]["recipe"]["augment"] == "paper"
