@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mtbench.data.transforms import ScaleNRotate, check_split_and_tasks, finish_sample, read_split_file
+from mtbench.data.transforms import ScaleNRotate, check_split_and_tasks, finish_sample, split_check_items, read_split_file
 from mtbench.errors import MtbenchError
 from mtbench.tasks import IGNORE_INDEX
 
@@ -235,13 +235,7 @@ def check_items(root, split: str) -> list[tuple[str, str, str]]:
     Raises:
         MtbenchError: the split file is missing or lists no ids.
     """
-    path = Path(root) / "gt_sets" / SPLIT_FILES[split]
-    if not path.is_file():
-        raise MtbenchError(f"missing split file {path}")
-    ids = read_split_file(path)
-    if not ids:
-        raise MtbenchError(f"split file {path} lists no ids")
-    return [(str(root), split, sid) for sid in ids]
+    return split_check_items(root, split, Path(root) / "gt_sets" / SPLIT_FILES[split])
 
 
 def check_item(item: tuple[str, str, str]) -> tuple[str, dict[str, bool], list[str]]:

@@ -128,6 +128,23 @@ def read_split_file(path) -> list[str]:
         return [line.strip() for line in f if line.strip()]
 
 
+def split_check_items(root, split: str, path) -> list[tuple[str, str, str]]:
+    """Work items ``(root, split, id)`` for ``mtbench data check`` from the split file at ``path``.
+
+    Raises:
+        MtbenchError: the split file is missing or lists no ids.
+    """
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise MtbenchError(f"missing split file {path}")
+    ids = read_split_file(path)
+    if not ids:
+        raise MtbenchError(f"split file {path} lists no ids")
+    return [(str(root), split, sid) for sid in ids]
+
+
 def check_split_and_tasks(dataset: str, split: str, splits, tasks, valid_tasks) -> tuple[str, ...]:
     """Validate a dataset's split and requested tasks; returns the tasks to load (all of them for None).
 
