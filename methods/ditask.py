@@ -66,7 +66,7 @@ from mtbench.errors import MtbenchError
 from mtbench.lora import LoRADropout
 from mtbench.model import MultiTaskModel
 from mtbench.registry import PaperCount, register_method
-from mtbench.streams import SHARED, TaskIndexed, current_layout, split_streams
+from mtbench.streams import SHARED, TaskIndexed, current_layout, first_and_rest, split_streams
 
 
 class DiTASKLinear(nn.Module):
@@ -159,9 +159,9 @@ class DiTASKLinear(nn.Module):
             return F.linear(self.drop(x), self.shared_weight().to(x.dtype), self.base.bias)
         if layout.names[0] != SHARED:
             raise MtbenchError(f"DiTASK task streams need the shared stream first, got {layout.names}")
-        xs = split_streams(x, layout.size)
-        shared = F.linear(self.drop(xs[0]), self.shared_weight().to(x.dtype), self.base.bias)
-        tasks = self._tasks_out(x[xs.shape[1]:], layout.tasks)
+        xs, xt = first_and_rest(x, layout.size)
+        shared = F.linear(self.drop(xs), self.shared_weight().to(x.dtype), self.base.bias)
+        tasks = self._tasks_out(xt, layout.tasks)
         return torch.cat([shared, tasks])
 
     def split_forward(self, x: torch.Tensor, skip_rows: int, make_task_inputs) -> tuple[torch.Tensor, torch.Tensor]:

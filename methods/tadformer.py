@@ -107,7 +107,7 @@ from mtbench.errors import MtbenchError
 from mtbench.lora import inject_block_lora
 from mtbench.model import MultiTaskModel
 from mtbench.registry import PaperCount, register_method
-from mtbench.streams import split_streams
+from mtbench.streams import first_and_rest
 from mtbench.swin import reverse_windows, update_prompt_tokens
 
 _T1 = "TADFormer CVPR'25 Table 1"
@@ -495,8 +495,8 @@ class TaskAdaptingBlock(BlockExtension):
         if cfg.skip_layout == "released":  # stored [B*nW, C, N], read back as [B*nW, ws, ws, C]
             skip = skip.transpose(1, 2).contiguous().view(skip.shape)
         skip = reverse_windows(ctx.block, skip, ctx.windows)
-        parts = split_streams(x, ctx.layout.size)
-        tasks = parts[1:].reshape(skip.shape)
+        shared, tasks = first_and_rest(x, ctx.layout.size)
+        tasks = tasks.reshape(skip.shape)
         tasks = model.gates[self.stage](skip, tasks) if cfg.skip == "gated" else 0.5 * (skip + tasks)
-        return torch.cat([parts[0], tasks])
+        return torch.cat([shared, tasks])
 

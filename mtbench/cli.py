@@ -417,9 +417,10 @@ def pretrain(
 ) -> None:
     """Pretrain the embedded small Swin on the synthetic *upstream* split (never on train/val/test images)."""
     from mtbench.pretrain import pretrain_embedded
-    from mtbench.runner import resolve_device, set_threads
+    from mtbench.runner import resolve_device
+    from mtbench.cpu import configure_cpu
 
-    set_threads()
+    configure_cpu()
     path, summary = pretrain_embedded(epochs=epochs, out=out or None, seed=seed, device=resolve_device(device),
                                       log=console.print)
     console.print(f"wrote {path}: {summary}")
@@ -548,7 +549,8 @@ def profile(
     from mtbench.measure import profile_methods, write_profile
     from mtbench.registry import resolve_spec
     from mtbench.results import profile_path
-    from mtbench.runner import DATASET_BACKBONE, resolve_device, set_threads
+    from mtbench.runner import DATASET_BACKBONE, resolve_device
+    from mtbench.cpu import configure_cpu
 
     if dataset not in DATASET_BACKBONE:
         raise MtbenchError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASET_BACKBONE)}")
@@ -571,7 +573,7 @@ def profile(
             raise MtbenchError(f"--compare-to {compare_to!r} is not among the profiled methods; valid: "
                                + ", ".join(labels))
     dev = resolve_device(device)
-    set_threads()
+    configure_cpu()
     if scaling == "tasks":
         from mtbench.measure import scaling_tasks
 
@@ -649,7 +651,8 @@ def interaction_cost_cmd(
     from mtbench.figures import cost_scaling_figure
     from mtbench.measure import interaction_cost
     from mtbench.results import atomic_write_text
-    from mtbench.runner import resolve_device, set_threads
+    from mtbench.runner import resolve_device
+    from mtbench.cpu import configure_cpu
 
     try:
         if ".." in tasks:
@@ -666,7 +669,7 @@ def interaction_cost_cmd(
         raise MtbenchError(f"--repeats must be >= 1, got {repeats}")
     names = [resolve_decoder(d.strip(), "swin_tiny_patch4_window7_224").name for d in decoder.split(",")]
     dev = resolve_device(device)
-    set_threads()
+    configure_cpu()
     rows = []
     t = Table(title=f"interaction stages alone, Swin-T neck widths, batch 1, device {dev}", title_justify="left")
     for c in ("decoder", "size", "T", "GFLOPs", "latency (ms)"):
@@ -705,7 +708,8 @@ def train_memory_cmd(
     from mtbench.config import parse_method_specs
     from mtbench.measure import count_params, train_step_memory
     from mtbench.registry import build_model, resolve_spec
-    from mtbench.runner import DATASET_BACKBONE, resolve_device, set_threads
+    from mtbench.runner import DATASET_BACKBONE, resolve_device
+    from mtbench.cpu import configure_cpu
     from mtbench.swin import create_backbone
     from mtbench.tasks import resolve_tasks
 
@@ -715,7 +719,7 @@ def train_memory_cmd(
         raise MtbenchError(f"--batch-size must be >= 1, got {batch_size}")
     specs = [resolve_spec(s) for s in parse_method_specs(methods)]
     dev = resolve_device(device)
-    set_threads()
+    configure_cpu()
     task_specs = resolve_tasks(dataset)
     t = Table(title=f"one training step, {DATASET_BACKBONE[dataset]}, batch {batch_size}, device {dev}",
               title_justify="left")

@@ -67,7 +67,9 @@ import torch
 from torch import nn
 
 from mtbench.errors import MtbenchError
-from mtbench.streams import SHARED, StreamLayout, repeat_streams, split_streams, stream_layout
+from mtbench.streams import (
+    SHARED, StreamLayout, first_and_rest, repeat_streams, split_streams, stream_layout, unstack_streams,
+)
 from mtbench.swin import (
     AttentionOutput, WindowContext, partition_windows, reverse_windows, update_prompt_tokens, window_attention,
 )
@@ -237,10 +239,6 @@ class BlockExtension(nn.Module):
         return x
 
 
-def _shared_rows(x: torch.Tensor, layout: StreamLayout) -> torch.Tensor:
-    return split_streams(x, layout.size)[layout.index(SHARED)]
-
-
 def run_block(block: nn.Module, x: torch.Tensor, ctx: BlockContext, extensions: list[BlockExtension],
               split: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One Swin block over stacked streams with the extensions' hooks (the arithmetic of timm's
@@ -383,18 +381,19 @@ def encode(model: nn.Module, images: torch.Tensor) -> tuple[dict[str, list[torch
                 x, prompts = run_block(block, x, ctx, exts, split)
             layout = ctx.layout
         if layout.has_shared and layout.size > 1:  # shared rows apart: the next stage's input does not depend on T
-            xs = split_streams(x, layout.size)
+            x_shared, x_tasks = first_and_rest(x, layout.size)
             with stream_layout(StreamLayout((SHARED,), B)):
-                shared_tap = bb.tap(i, xs[0])
+                shared_tap = bb.tap(i, x_shared)
             with stream_layout(StreamLayout(layout.tasks, B)):
-                task_tap = bb.tap(i, x[B:])
+                task_tap = bb.tap(i, x_tasks)
             tap = torch.cat([shared_tap, task_tap])
         else:
             with stream_layout(layout):
                 tap = bb.tap(i, x)
         taps = split_streams(tap, layout.size)
+        rows = unstack_streams(tap, layout.size)  # per-stream views whose backward is one concatenation
         for t in tasks:
-            feats[t].append(taps[layout.index(t) if t in layout.names else layout.index(SHARED)])
+            feats[t].append(rows[layout.index(t) if t in layout.names else layout.index(SHARED)])
         lateral = model.stage_end(i, layout, taps, state)
         if lateral is not None:  # a lateral path's own per-task taps replace what the decoders receive
             for t in tasks:
@@ -403,7 +402,7 @@ def encode(model: nn.Module, images: torch.Tensor) -> tuple[dict[str, list[torch
             if not plan.task_blocks(i + 1, 0, len(bb.blocks(i + 1))) and layout.size > 1:
                 if not layout.has_shared:
                     raise MtbenchError("the stream plan ends the task streams but kept no shared stream")
-                tap = taps[layout.index(SHARED)]
+                tap = rows[layout.index(SHARED)]
                 layout = StreamLayout((SHARED,), B)
             x = tap
             if prompts is not None:

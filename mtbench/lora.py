@@ -30,7 +30,9 @@ import torch
 from torch import nn
 
 from mtbench.errors import MtbenchError
-from mtbench.streams import SHARED, StreamLayout, current_layout, per_stream, split_streams, stream_layout
+from mtbench.streams import (
+    SHARED, StreamLayout, current_layout, first_and_rest, per_stream, split_streams, stream_layout,
+)
 
 
 class LoRADropout(nn.Module):
@@ -194,6 +196,30 @@ class LoRALinear(nn.Module):
                 z = self.task_mid(z)
         return self.up(z)
 
+    def task_outputs(self, x: torch.Tensor, tasks: tuple[str, ...], base: torch.Tensor) -> torch.Tensor:
+        """The task streams' outputs ``base + update_t(x_t)``, one batched ``baddbmm`` for all tasks.
+
+        Args:
+            x: task rows ``[T*M, ..., in]`` (tasks stacked in ``tasks`` order).
+            tasks: the task of each stream.
+            base: ``W x_shared + b`` ``[M, ..., out]``, shared by every task stream (MTLoRA's "matrix" mode).
+
+        Returns:
+            ``[T*M, ..., out]``.
+        """
+        T = len(tasks)
+        if self.task_mode == "own":
+            if len({self.task_A[t].shape[0] for t in tasks}) != 1:  # unequal task ranks: one matmul per task
+                return (split_streams(self.task_deltas(x, tasks), T) + base).view(*x.shape[:-1], self.out_features)
+            z = torch.bmm(x.reshape(T, -1, self.in_features),
+                          torch.stack([self.task_A[t] for t in tasks]).transpose(1, 2))
+            up = torch.stack([self.task_B[t] for t in tasks]).transpose(1, 2)
+            s = self.task_scale
+        else:  # the shared B after task_mid: the old order (s · B z, then + base) keeps the recorded outputs' bits
+            return (split_streams(self.task_deltas(x, tasks), T) + base).view(*x.shape[:-1], self.out_features)
+        out = torch.baddbmm(base.reshape(1, -1, self.out_features), z, up, alpha=s)
+        return out.view(*x.shape[:-1], self.out_features)
+
     @property
     def merged(self) -> bool:
         return self._unmerged_weight is not None
@@ -231,15 +257,12 @@ class LoRALinear(nn.Module):
         layout = current_layout()
         if layout is None or layout.names == (SHARED,) or self.task_mode == "none":
             return self._shared_forward(x)
-        S = layout.size
-        xs = split_streams(x, S)
         if layout.has_shared:
             if layout.names[0] != SHARED:
                 raise MtbenchError(f"the shared stream must come first, got {layout.names}")
-            base = self.base(xs[0])
-            shared = self._shared_forward(xs[0], base)
-            tasks = split_streams(self.task_deltas(x[xs.shape[1]:], layout.tasks), S - 1) + base
-            return torch.cat([shared.unsqueeze(0), tasks]).view(*x.shape[:-1], self.out_features)
+            xs, xt = first_and_rest(x, layout.size)
+            base = self.base(xs)
+            return torch.cat([self._shared_forward(xs, base), self.task_outputs(xt, layout.tasks, base)])
         return self.base(x) + self.task_deltas(x, layout.tasks)
 
     def split_forward(self, x: torch.Tensor, skip_rows: int, make_task_inputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,9 +291,7 @@ class LoRALinear(nn.Module):
         if self.task_mode == "none":
             task = self.base(task_in) + (self.up(task_in @ self.lora_A.t()) if self.r > 0 else 0)
             return shared, task
-        delta = self.task_deltas(task_in, layout.tasks)
-        T = len(layout.tasks)
-        return shared, (split_streams(delta, T) + base[:, skip_rows:]).view(delta.shape)
+        return shared, self.task_outputs(task_in, layout.tasks, base[:, skip_rows:])
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale}, "

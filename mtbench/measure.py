@@ -92,6 +92,8 @@ from typing import Any
 
 import torch
 
+from mtbench.cpu import APPLIED as CPU_SETTINGS
+
 #: Relative difference above which fvcore and torch's counter are said to disagree (and the operators are named).
 FLOP_TOLERANCE = 0.02
 
@@ -520,6 +522,9 @@ def _memory_child(spec: str, dataset: str, batch_size: int, device: str, modes: 
                   n_tasks: int | None) -> dict:
     import gc
 
+    from mtbench.cpu import configure_cpu
+
+    configure_cpu(allocator=False)  # denormals as the timed process; glibc's own allocator so peaks are not hidden
     torch.set_num_threads(threads)
     tasks = None if n_tasks is None else scaled_tasks(dataset, n_tasks)
     w = Workload(spec, dataset, batch_size, device, tasks=tasks)
@@ -591,7 +596,7 @@ def environment_info(device: torch.device) -> dict[str, Any]:
         load = None
     return {"device": str(device), "device_name": name if device.type == "cuda" else cpu,
             "threads": torch.get_num_threads(), "cpu_count": _os.cpu_count(), "load_avg_1_5_15": load,
-            "torch": torch.__version__, "platform": _platform.platform()}
+            "torch": torch.__version__, "platform": _platform.platform(), "cpu_settings": dict(CPU_SETTINGS)}
 
 
 def profile_methods(specs: Sequence[str], dataset: str = "pascal_context", *, batch_size: int = 2,
@@ -685,9 +690,12 @@ def profile_methods(specs: Sequence[str], dataset: str = "pascal_context", *, ba
     sync()
     inf_ms = {w.label: [] for w in works}
     tr_ms = {w.label: [] for w in works}
+    from mtbench.lora import merged_lora
+
     for r in range(rounds):
         for w in works:
-            inf_ms[w.label].append(time_once(w.infer, sync))
+            with merged_lora(w.model):  # inference as evaluation runs it: shared LoRA folded in (untimed merge)
+                inf_ms[w.label].append(time_once(w.infer, sync))
             tr_ms[w.label].append(time_once(w.train_step, sync))
         log(f"round {r + 1}/{rounds} done")
     env = environment_info(device)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from mtbench.config import parse_method_specs
+from mtbench.cpu import APPLIED as CPU_SETTINGS, configure_cpu
 from mtbench.decoders import resolve_decoder
 from mtbench.errors import MtbenchError
 from mtbench.identity import RunIdentity, make_identity
@@ -124,7 +125,7 @@ def environment(device: torch.device) -> dict:
 
     env = {"mtbench": mtbench.__version__, "python": platform.python_version(), "torch": torch.__version__,
            "timm": timm.__version__, "platform": platform.platform(), "device": str(device),
-           "threads": torch.get_num_threads(), "cuda": torch.version.cuda}
+           "threads": torch.get_num_threads(), "cuda": torch.version.cuda, "cpu_settings": dict(CPU_SETTINGS)}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
@@ -323,7 +324,7 @@ def execute(req: RunRequest, log=print, progress=None) -> list[tuple[PlannedRun,
 
     task_specs, runs, recipe = plan(req)
     dev = distributed.init_from_env(resolve_device(req.device))
-    set_threads()
+    configure_cpu()
     out: list[tuple[PlannedRun, RunResult | None]] = []
     todo = []
     for r in runs:
@@ -421,13 +422,6 @@ def default_command() -> str:
     return " ".join(["mtbench"] + sys.argv[1:]) if sys.argv else "mtbench"
 
 
-def set_threads() -> None:
-    """Use every core for intra-op parallelism on CPU (torch defaults to physical cores, often fewer), unless
-    ``$OMP_NUM_THREADS`` says otherwise."""
-    n = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
-    torch.set_num_threads(max(1, n))
-
-
 __all__ = ["RunRequest", "plan", "run_one", "execute", "build_datasets", "evaluation_protocol", "EVAL_RESOLUTIONS",
            "DATASET_BACKBONE", "resolve_device", "default_command",
-           "set_threads", "load_trained", "save_checkpoint"]
+           "load_trained", "save_checkpoint"]

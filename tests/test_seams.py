@@ -10,7 +10,7 @@ from timm.models.swin_transformer import window_partition
 from mtbench.encoder import BlockContext, run_block
 from mtbench.errors import MtbenchError
 from mtbench.lora import LoRALinear
-from mtbench.streams import SHARED, StreamLayout, TaskIndexed, stream_layout
+from mtbench.streams import SHARED, StreamLayout, TaskIndexed, first_and_rest, stream_layout, unstack_streams
 from mtbench.swin import create_backbone, partition_windows, relative_position_bias
 from mtbench.tasks import TaskSpec
 from methods_for_tests import TaskBias, TaskBiasConfig
@@ -129,6 +129,55 @@ def test_lora_streams_matrix_mode():
     assert torch.allclose(y[0], base + 4 * x[0] @ layer.lora_A.t() @ layer.lora_B.t(), atol=1e-5)
     for k, t in ((1, "a"), (2, "b")):
         assert torch.allclose(y[k], base + 4 * x[k] @ layer.task_A[t].t() @ layer.task_B[t].t(), atol=1e-5)
+
+
+@pytest.mark.parametrize("ranks", [{"a": 3, "b": 3}, {"a": 2, "b": 3}])
+def test_lora_task_outputs_batched_and_per_task_paths(ranks):
+    """Equal task ranks take one batched baddbmm, unequal ones a matmul per task: same outputs; each task's
+    factors get gradient from its own rows only, the frozen weight none."""
+    torch.manual_seed(1)
+    layer = LoRALinear(torch.nn.Linear(6, 5), r=2, scale=4.0, dropout=0.0, task_ranks=ranks, task_scale=0.5)
+    layer.base.requires_grad_(False)
+    for p in layer.lora_parameters():
+        torch.nn.init.normal_(p)
+    x = torch.randn(3, 4, 6, requires_grad=True)
+    with stream_layout(StreamLayout((SHARED, "a", "b"), 4)):
+        y = layer(x.reshape(12, 6)).view(3, 4, 5)
+    base = layer.base(x[0])
+    for k, t in ((1, "a"), (2, "b")):
+        ref = base + 0.5 * x[k] @ layer.task_A[t].t() @ layer.task_B[t].t()
+        assert torch.allclose(y[k], ref, atol=1e-5)
+    y[1].sum().backward()  # task a's rows only
+    assert layer.task_A["a"].grad is not None and layer.task_A["a"].grad.abs().sum() > 0
+    assert layer.task_A["b"].grad is None or layer.task_A["b"].grad.abs().sum() == 0
+    assert layer.base.weight.grad is None
+    assert x.grad[2].abs().sum() == 0 and x.grad[1].abs().sum() > 0 and x.grad[0].abs().sum() > 0
+
+
+def test_stream_views_backward_is_one_concatenation():
+    """first_and_rest / unstack_streams are views of the stacked tensor; gradients reach the right rows."""
+    x = torch.randn(6, 3, requires_grad=True)
+    a, rest = first_and_rest(x, 3)
+    assert a.data_ptr() == x.data_ptr() and a.shape == (2, 3) and rest.shape == (4, 3)
+    (2 * a.sum() + 3 * rest.sum()).backward()
+    assert torch.equal(x.grad, torch.tensor([2.0] * 2 + [3.0] * 4).unsqueeze(1).expand(6, 3))
+    parts = unstack_streams(x, 3)
+    assert [p.shape for p in parts] == [(2, 3)] * 3 and parts[2].data_ptr() == x[4:].data_ptr()
+    with pytest.raises(MtbenchError, match="cannot hold 4 stacked streams"):
+        first_and_rest(x, 4)
+
+
+def test_configure_cpu_flushes_denormals_and_can_be_switched_off():
+    import subprocess
+    import sys
+
+    code = ("import torch; from mtbench.cpu import configure_cpu; s = configure_cpu(allocator=False); "
+            "print(s['flush_denormal'], (torch.tensor([1e-39]) * 1.0).item() == 0.0, s['malloc_tuned'])")
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert on == ["True", "True", "False"]
+    env = {**__import__("os").environ, "MTBENCH_CPU_TUNING": "off"}
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert off.split() == ["False", "False", "False"]
 
 
 def test_decoder_registry_and_aux_losses():
