@@ -80,7 +80,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--size", type=int, default=448)
+    ap.add_argument("--cpu-tuning", choices=("on", "off"), default="on",
+                    help="apply mtbench.cpu.configure_cpu (flush denormals, glibc malloc thresholds), as every "
+                         "mtbench command does; checkouts before it have none")
     args = ap.parse_args()
+    try:
+        from mtbench.cpu import configure_cpu
+    except ImportError:
+        configure_cpu = None
+    if args.cpu_tuning == "on" and configure_cpu is not None:
+        print("CPU settings:", configure_cpu())
+    else:
+        print("CPU settings: torch and glibc defaults")
     torch.set_num_threads(args.threads)
     specs = [s.strip() for s in args.methods.split(",")]
     if specs[0] != "mtl_full":

@@ -433,6 +433,8 @@ def attention(
     n: int = typer.Option(4, help="number of test images"),
     stage: int = typer.Option(0, help="backbone stage whose last block's maps are drawn (0 = finest)"),
     out: str = typer.Option("", help="output PNG (default reports/attention_{method}_{variant}_stage{S}.png)"),
+    data_root: Optional[str] = typer.Option(None, help="the dataset's directory, as for `run` (default: the "
+                                            "synthetic cache, or $MTBENCH_DATA/<dir> for the real datasets)"),
 ) -> None:
     """Draw the task attention maps of a trained model (TADFormer Fig. 7) for a few test images."""
     import torch
@@ -441,10 +443,12 @@ def attention(
     from mtbench.figures import attention_figure
     from mtbench.runner import load_trained
 
-    model, res = load_trained(result)
     if n < 1:
         raise MtbenchError(f"--n must be >= 1, got {n}")
-    test = build_dataset(res.run.dataset, "test", tasks=res.run.tasks)
+    if data_root is not None and not Path(data_root).is_dir():
+        raise MtbenchError(f"data root not found: {data_root!r}")
+    model, res = load_trained(result)
+    test = build_dataset(res.run.dataset, "test", root=data_root, tasks=res.run.tasks)
     images = torch.stack([test[i]["image"] for i in range(min(n, len(test)))])
     path = out or f"reports/attention_{res.run.method}_{res.run.variant}_stage{stage}.png"
     attention_figure(model, images, path, stage=stage, title=f"{res.run.label}: task attention maps, stage {stage}")
@@ -643,7 +647,8 @@ def interaction_cost_cmd(
     repeats: int = typer.Option(2, help="timed forward calls per point (median), after one warm-up"),
     out: str = typer.Option("reports/figures/inter_task_cost", help="output stem: writes STEM.json and STEM.png"),
 ) -> None:
-    """FLOPs and latency of inter-task interaction stages versus the number of tasks (Bohn et al. 2025's claim)."""
+    """FLOPs (fvcore GMACs and GFLOPs = 2 x GMACs) and latency of inter-task interaction stages versus the number of
+    tasks (Bohn et al. 2025's claim)."""
     import json
     from pathlib import Path
 
@@ -672,22 +677,24 @@ def interaction_cost_cmd(
     configure_cpu()
     rows = []
     t = Table(title=f"interaction stages alone, Swin-T neck widths, batch 1, device {dev}", title_justify="left")
-    for c in ("decoder", "size", "T", "GFLOPs", "latency (ms)"):
+    for c in ("decoder", "size", "T", "GMACs", "GFLOPs", "latency (ms)"):
         t.add_column(c, justify="left" if c in ("decoder", "size") else "right")
     for h, w in dims:
         for n in counts:
             for name in names:
                 r = interaction_cost(name, n, (h, w), device=str(dev), repeats=repeats)
                 rows.append(r)
-                t.add_row(name, f"{h}x{w}", str(n), f"{r['flops'] / 1e9:.3f}", f"{r['latency_ms']:.1f}")
-                console.print(f"{name} {h}x{w} T={n}: {r['flops'] / 1e9:.3f} GFLOPs, {r['latency_ms']:.1f} ms")
+                t.add_row(name, f"{h}x{w}", str(n), f"{r['macs'] / 1e9:.3f}", f"{r['gflops']:.3f}",
+                          f"{r['latency_ms']:.1f}")
+                console.print(f"{name} {h}x{w} T={n}: {r['macs'] / 1e9:.3f} GMACs ({r['gflops']:.3f} GFLOPs), "
+                              f"{r['latency_ms']:.1f} ms")
     console.print(t)
     if len(names) == 2:
         for h, w in dims:
             for n in counts:
                 a, b = (next(r for r in rows if (r["decoder"], r["tasks"], r["height"]) == (nm, n, h)
                              and r["width"] == w) for nm in names)
-                console.print(f"{h}x{w} T={n}: {names[0]} / {names[1]} = {a['flops'] / b['flops']:.1f}x FLOPs, "
+                console.print(f"{h}x{w} T={n}: {names[0]} / {names[1]} = {a['macs'] / b['macs']:.1f}x FLOPs, "
                               f"{a['latency_ms'] / b['latency_ms']:.1f}x latency")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(out + ".json"), json.dumps(rows, indent=1) + "\n")

@@ -298,7 +298,6 @@ def run_block(block: nn.Module, x: torch.Tensor, ctx: BlockContext, extensions: 
         proj_shared = attn.proj_drop(proj_shared)
         patches = torch.cat([proj_shared[:, P:], attn.proj_drop(proj_tasks)])
         prompt_rows = proj_shared[:, :P]
-        shortcut = repeat_streams(shortcut, ctx.layout.size)
     else:
         proj = attn.proj_drop(attn.proj(att.values))
         patches, prompt_rows = proj[:, P:], proj[:, :P]
@@ -306,7 +305,10 @@ def run_block(block: nn.Module, x: torch.Tensor, ctx: BlockContext, extensions: 
         a = reverse_windows(block, patches, wctx)
         for e in extensions:
             a = e.attn_output(ctx, h, a)
-        x = shortcut + block.drop_path1(a)
+        if split:  # the shared shortcut broadcast over the streams (never materialised S times)
+            x = (split_streams(block.drop_path1(a), ctx.layout.size) + shortcut).view(a.shape)
+        else:
+            x = shortcut + block.drop_path1(a)
         h2 = block.norm2(x)
         for e in extensions:
             h2 = e.mlp_input(ctx, h2)

@@ -90,9 +90,9 @@ def cost_scaling_figure(rows: list[dict], out: str | Path, title: str = "") -> P
                      key=lambda r: r["tasks"])
         label = f"{dec.split('+')[-1]} {h}x{w}"
         style = "-" if "mha" in dec else "--"
-        axes[0].plot([r["tasks"] for r in sel], [r["flops"] / 1e9 for r in sel], style, marker="o", label=label)
+        axes[0].plot([r["tasks"] for r in sel], [r["gflops"] for r in sel], style, marker="o", label=label)
         axes[1].plot([r["tasks"] for r in sel], [r["latency_ms"] for r in sel], style, marker="o", label=label)
-    for ax, name in zip(axes, ("GFLOPs (fvcore, multiply-adds)", "latency (ms, batch 1)")):
+    for ax, name in zip(axes, ("GFLOPs (2 x fvcore's multiply-accumulates)", "latency (ms, batch 1)")):
         ax.set_yscale("log")
         ax.set_xlabel("number of tasks T")
         ax.set_ylabel(name)

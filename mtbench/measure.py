@@ -861,7 +861,7 @@ def time_forward(module: nn.Module, inputs: tuple, repeats: int = 3, warmup: int
 
 def interaction_cost(decoder: str, num_tasks: int, img_size: tuple[int, int], backbone: str = "swin_tiny_patch4_window7_224",
                      device: str = "cpu", repeats: int = 2) -> dict:
-    """FLOPs and latency of a decoder's interaction stage alone, for ``num_tasks`` tasks, batch 1.
+    """MACs (fvcore) and latency of a decoder's interaction stage alone, for ``num_tasks`` tasks, batch 1.
 
     The inputs are random neck outputs of the decoder's widths at the backbone's tap strides (8/16/32/32 for Swin-T:
     a 56x56 finest map at 448x448). Used by ``mtbench interaction-cost`` (the inter-task attention claim of Bohn et
@@ -872,7 +872,8 @@ def interaction_cost(decoder: str, num_tasks: int, img_size: tuple[int, int], ba
         num_tasks: ``T``; img_size: ``(H, W)`` in pixels; device: torch device; repeats: timed calls (median).
 
     Returns:
-        ``{"decoder", "tasks", "height", "width", "flops" (fvcore, 1 = one multiply-add), "latency_ms", "device"}``.
+        ``{"decoder", "tasks", "height", "width", "macs" (fvcore's count: multiply-accumulates), "gflops"
+        (= 2 x macs / 1e9), "latency_ms", "device"}``.
 
     Raises:
         MtbenchError: unknown decoder.
@@ -901,10 +902,10 @@ def interaction_cost(decoder: str, num_tasks: int, img_size: tuple[int, int], ba
 
     flat = _Flat()
     with torch.no_grad():
-        flops = count_macs(flat, maps)
+        macs = count_macs(flat, maps)
     latency = time_forward(flat, maps, repeats=repeats, warmup=1)
-    return {"decoder": spec.name, "tasks": num_tasks, "height": img_size[0], "width": img_size[1], "flops": flops,
-            "latency_ms": latency * 1e3, "device": str(device)}
+    return {"decoder": spec.name, "tasks": num_tasks, "height": img_size[0], "width": img_size[1], "macs": macs,
+            "gflops": 2 * macs / 1e9, "latency_ms": latency * 1e3, "device": str(device)}
 
 
 def train_step_memory(model: nn.Module, images, repeats: int = 1) -> dict:

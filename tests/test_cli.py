@@ -99,6 +99,9 @@ def test_end_to_end_tiny_run_then_table(tmp_path):
     assert (tmp_path / "att.png").stat().st_size > 10_000
     no_maps = mtbench("attention", "--result", str(results_of["mtlora"]))
     assert no_maps.returncode == 2 and "no task attention maps" in no_maps.stderr
+    missing = str(tmp_path / "nope")
+    no_root = mtbench("attention", "--result", str(results_of["tadformer"]), "--data-root", missing)
+    assert no_root.returncode == 2 and no_root.stderr.strip() == f"error: data root not found: {missing!r}"
 
 
 def test_params_prints_exact_counts():

@@ -39,6 +39,20 @@ def test_cpu_dropout_has_exact_p():
     assert drop.keep_mask((3, 5), "cpu").dtype == torch.bool
 
 
+def test_cpu_dropout_masks_follow_torch_seed():
+    """The masks are drawn from NumPy's PCG64 seeded by torch's generator: torch.manual_seed fixes them, and
+    consecutive masks differ."""
+    drop = LoRADropout(0.3).train()
+    torch.manual_seed(7)
+    a, b = drop.keep_mask((64, 33), "cpu"), drop.keep_mask((64, 33), "cpu")
+    torch.manual_seed(7)
+    assert torch.equal(drop.keep_mask((64, 33), "cpu"), a) and not torch.equal(a, b)
+    state = torch.get_rng_state()
+    c = drop.keep_mask((5,), "cpu")
+    torch.set_rng_state(state)  # a resumed run restores torch's RNG state and draws the same mask
+    assert torch.equal(drop.keep_mask((5,), "cpu"), c)
+
+
 def test_one_dropout_mask_at_the_proj_split():
     """MTLoRA/TADFormer official: the task inputs come from the shared branch's dropped-out input."""
     layer = _layer()

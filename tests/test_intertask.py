@@ -103,7 +103,7 @@ def test_interaction_cost_command_writes_json_and_plot(tmp_path):
     rows = json.loads((tmp_path / "cost.json").read_text())
     assert {(r["decoder"].split("+")[1], r["tasks"]) for r in rows} == {
         (d, t) for d in ("inter_task_mha", "inter_task_deformable") for t in (2, 3)}
-    assert all(r["flops"] > 0 and r["latency_ms"] > 0 for r in rows)
+    assert all(r["macs"] > 0 and r["gflops"] == 2 * r["macs"] / 1e9 and r["latency_ms"] > 0 for r in rows)
     assert (tmp_path / "cost.png").stat().st_size > 10_000
     assert "T=3: mtlora_hrnet+inter_task_mha / mtlora_hrnet+inter_task_deformable" in res.stdout
 
