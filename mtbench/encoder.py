@@ -339,7 +339,7 @@ def encode(model: nn.Module, images: torch.Tensor) -> tuple[dict[str, list[torch
         images: ``[B, 3, H, W]``.
 
     Returns:
-        ``({task: [4 NCHW maps]}, aux_losses)``.
+        ``({task: [4 NCHW maps]}, aux_losses)``; the maps are channels-last views of the NHWC taps (no copy).
 
     Raises:
         MtbenchError: a plan that drops the shared stream and later needs it.
@@ -409,7 +409,7 @@ def encode(model: nn.Module, images: torch.Tensor) -> tuple[dict[str, list[torch
             x = tap
             if prompts is not None:
                 prompts = model.merge_prompts(i, prompts)
-    return {t: [f.permute(0, 3, 1, 2).contiguous() for f in fs] for t, fs in feats.items()}, aux
+    return {t: [f.permute(0, 3, 1, 2) for f in fs] for t, fs in feats.items()}, aux  # channels-last NCHW views
 
 
 class EncoderHooks:

@@ -53,6 +53,7 @@ class TSAITaskDecoder(nn.Module):
                                   nn.ReLU(inplace=True), nn.Conv2d(dim, out_channels, 1))
 
     def neck(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        feats = [f.contiguous() for f in feats]  # the encoder hands channels-last views (see HRNetHead)
         size = feats[0].shape[-2:]
         ups = [F.interpolate(lin(f), size=size, mode="bilinear", align_corners=False) if f.shape[-2:] != size
                else lin(f) for lin, f in zip(self.linears, feats)]
