@@ -73,12 +73,17 @@ def test_every_identity_field_changes_the_path(tmp_path):
 
 
 def test_reference_results_keep_working_with_reconstructed_identity():
+    """Every reference result records its identity; the same file with the identity removed (a result written
+    before identities existed) reconstructs one with the same directory key and label."""
     loaded = load_results(REPO / "results" / "reference", "synthetic")
     assert loaded
     for path, result in loaded:
-        assert result.identity is None  # written before identities existed
-        ident = identity_of(result)
+        assert result.identity is not None and result.identity.path_key() == path.parent.name, path
+        legacy = json.loads(path.read_text())
+        legacy.pop("identity")
+        ident = identity_of(RunResult.model_validate(legacy))
         assert ident.reconstructed and ident.path_key() == path.parent.name, path
+        assert ident.label() == result.identity.label(), path
     random = [identity_of(r) for p, r in loaded if p.parent.name == "default_init=random"]
     assert random and random[0].label() == "decoder_only [random init]" and random[0].weights == "random"
 
@@ -86,6 +91,7 @@ def test_reference_results_keep_working_with_reconstructed_identity():
 def test_reconstruction_reads_train_size_from_the_recorded_command():
     path = REPO / "results/reference/synthetic/lora/default/seed0.json"
     data = json.loads(path.read_text())
+    data.pop("identity")  # a result written before identities existed
     data["run"]["command"] = "mtbench run --methods lora --epochs 1 --train-size 256"
     data["train"]["recipe"]["epochs"] = 1
     ident = identity_of(RunResult.model_validate(data))
@@ -148,6 +154,7 @@ def test_table_shows_mean_std_over_seeds_and_marks_differences_within_noise(tmp_
     from mtbench.report import build_table, format_table, within_noise
 
     src = json.loads((REPO / "results/reference/synthetic/mtlora/default/seed0.json").read_text())
+    src.pop("identity")  # reconstructed from the edited run info below
     values = {"mtlora": {"semseg": [40.0, 41.0, 42.0], "normals": [15.0, 15.2, 15.4]},
               "lora": {"semseg": [30.0, 30.5, 31.0], "normals": [15.1, 15.3, 15.5]}}
     for method, per_task in values.items():
