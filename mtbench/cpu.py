@@ -45,6 +45,19 @@ def _tune_glibc_malloc() -> bool:
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+def release_free_memory() -> bool:
+    """Give the memory glibc keeps in free blocks back to the system (``malloc_trim(0)``), so that the next
+    allocations fault in fresh pages and show in the resident set again (used by :func:`mtbench.measure.peak_memory`,
+    whose measurement a tuned allocator would otherwise hide). Returns False where there is no glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def configure_cpu(*, allocator: bool = True) -> dict[str, object]:
     """Apply the CPU settings of the module docstring to this process (idempotent).
 

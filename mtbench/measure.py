@@ -483,7 +483,8 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> dict[str, Any]:
     CUDA: ``torch.cuda.max_memory_allocated`` and ``max_memory_reserved`` after ``reset_peak_memory_stats``, minus
     what was allocated just before (``*_step_mb``) and in total (``*_total_mb``). CPU (Linux): the process's peak
     resident set (VmHWM, after resetting it through ``/proc/self/clear_refs``) minus its resident set (VmRSS) just
-    before ``fn`` (``rss_step_mb``), and the absolute peak (``rss_peak_mb``). Run it in a fresh process
+    before ``fn`` (``rss_step_mb``), and the absolute peak (``rss_peak_mb``). Free blocks glibc keeps are first
+    returned to the system (:func:`mtbench.cpu.release_free_memory`). Run it in a fresh process
     (:func:`measure_memory_isolated`) so that memory freed by earlier work and kept by the allocator does not hide
     this step's.
 
@@ -507,6 +508,9 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> dict[str, Any]:
                 "what": "torch.cuda.max_memory_allocated after reset_peak_memory_stats: peak allocated during the "
                         "step over the allocation just before it (allocated_step_mb) and in total; "
                         "max_memory_reserved in total (caching allocator)"}
+    from mtbench.cpu import release_free_memory
+
+    release_free_memory()  # blocks a tuned allocator kept would otherwise serve the step without growing the RSS
     before = _proc_status_kb("VmRSS")
     ok = reset_peak_rss()
     fn()

@@ -147,6 +147,21 @@ def test_cpu_peak_memory_sees_a_step_allocation():
     assert "VmHWM" in m["what"]
 
 
+def test_cpu_peak_memory_sees_a_step_under_the_tuned_allocator():
+    """With glibc keeping freed blocks (mtbench.cpu), a step served from them would not grow the resident set;
+    peak_memory first returns them to the system, so the step's 64 MiB still show (fresh process)."""
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom mtbench.cpu import configure_cpu\nfrom mtbench.measure import peak_memory\n"
+            "assert configure_cpu()['malloc_tuned']\n"
+            "for _ in range(3):\n    x = torch.ones(200 * 2**20 // 4); x += 1; del x\n"
+            "def step():\n    x = torch.ones(64 * 2**20 // 4); x += 1; del x\n"
+            "print(peak_memory(step, torch.device('cpu'))['rss_step_mb'])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert 60 <= float(out.split()[-1]) < 200
+
+
 def test_scaled_tasks_repeat_the_dataset_kinds():
     from mtbench.tasks import resolve_tasks
 
