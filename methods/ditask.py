@@ -63,13 +63,13 @@ from mtbench.config import MethodConfig
 from mtbench.cpab import CPAB1D, FrozenSVD, Theta, svd_warped_delta
 from mtbench.encoder import StreamPlan
 from mtbench.errors import MtbenchError
-from mtbench.lora import LoRADropout
+from mtbench.lora import LoRADropout, WrappedLinear
 from mtbench.model import MultiTaskModel
 from mtbench.registry import PaperCount, register_method
 from mtbench.streams import SHARED, TaskIndexed, current_layout, first_and_rest, split_streams
 
 
-class DiTASKLinear(nn.Module):
+class DiTASKLinear(WrappedLinear):
     """A frozen ``nn.Linear`` whose singular values are warped by a shared CPAB ``θ`` and, optionally, per task.
 
     Args:
@@ -90,11 +90,9 @@ class DiTASKLinear(nn.Module):
 
     def __init__(self, base: nn.Linear, r: int, tasks=None, task_r: int = 4, dropout: float = 0.05,
                  chunks: int = 1, init: str = "kaiming"):
-        super().__init__()
         if base.out_features % chunks:
             raise MtbenchError(f"{base.out_features} output features do not split into {chunks} chunks")
-        self.base = base
-        self.in_features, self.out_features = base.in_features, base.out_features
+        super().__init__(base)
         self.cpab = CPAB1D(r)
         self.theta = Theta(self.cpab.num_params, init)
         self.svd = FrozenSVD(chunks)
@@ -105,14 +103,6 @@ class DiTASKLinear(nn.Module):
             self.task_cpab = CPAB1D(task_r)
             self.task_theta = TaskIndexed(self.task_names, lambda t: Theta(self.task_cpab.num_params, init),
                                           share="dedicated")
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
 
     def method_parameters(self) -> list[nn.Parameter]:
         """The ``θ`` this layer adds (shared and per task)."""

@@ -34,13 +34,21 @@ _M_MMAP_THRESHOLD = -3
 APPLIED: dict[str, object] = {}
 
 
-def _tune_glibc_malloc() -> bool:
+def _glibc():
+    """The C library when it is glibc (Linux), else None (musl and other systems lack these malloc controls)."""
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.gnu_get_libc_version  # noqa: B018  (glibc only: musl has no mallopt thresholds)
+        libc.gnu_get_libc_version  # noqa: B018  (raises AttributeError outside glibc)
     except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def _tune_glibc_malloc() -> bool:
+    libc = _glibc()
+    if libc is None:
         return False
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
@@ -48,14 +56,10 @@ def _tune_glibc_malloc() -> bool:
 def release_free_memory() -> bool:
     """Give the memory glibc keeps in free blocks back to the system (``malloc_trim(0)``), so that the next
     allocations fault in fresh pages and show in the resident set again (used by :func:`mtbench.measure.peak_memory`,
-    whose measurement a tuned allocator would otherwise hide). Returns False where there is no glibc."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+    whose measurement a tuned allocator would otherwise hide). Returns whether memory was released (False without
+    glibc)."""
+    libc = _glibc()
+    return libc is not None and bool(libc.malloc_trim(0))
 
 
 def configure_cpu(*, allocator: bool = True) -> dict[str, object]:

@@ -79,7 +79,31 @@ class LoRADropout(nn.Module):
         return f"p={self.p}"
 
 
-class LoRALinear(nn.Module):
+class WrappedLinear(nn.Module):
+    """Base of the layers that wrap a frozen ``nn.Linear`` (:class:`LoRALinear`, DiTASK's ``DiTASKLinear``): keeps it
+    as ``self.base`` and exposes its ``weight``, ``bias``, ``in_features`` and ``out_features``, so code that reads a
+    linear's attributes (timm's init, fvcore, parameter counting by role) sees the pretrained layer.
+
+    Args:
+        base: the pretrained ``nn.Linear``.
+    """
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.base = base
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+
+class LoRALinear(WrappedLinear):
     """A frozen linear layer with a shared LoRA branch and optional task branches, applied per stream.
 
     Args:
@@ -112,12 +136,9 @@ class LoRALinear(nn.Module):
         task_ranks: Mapping[str, int] | None = None,
         task_scale: float | None = None,
     ):
-        super().__init__()
         if r < 0 or any(v <= 0 for v in (task_ranks or {}).values()):
             raise MtbenchError(f"LoRA rank must be >= 0 (task ranks > 0), got r={r}, task ranks={task_ranks}")
-        self.base = base
-        self.in_features = base.in_features
-        self.out_features = base.out_features
+        super().__init__(base)
         self.r = int(r)
         self.scale = float(scale)
         self.task_scale = float(scale if task_scale is None else task_scale)
@@ -136,14 +157,6 @@ class LoRALinear(nn.Module):
         self.task_mode = "own" if task_ranks else "none"
         self.__dict__["task_mid"] = None
         self.__dict__["_unmerged_weight"] = None
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
 
     @property
     def tasks(self) -> list[str]:
@@ -211,18 +224,25 @@ class LoRALinear(nn.Module):
         Returns:
             ``[T*M, ..., out]``.
         """
-        T = len(tasks)
-        if self.task_mode == "own":
-            if len({self.task_A[t].shape[0] for t in tasks}) != 1:  # unequal task ranks: one matmul per task
-                return (split_streams(self.task_deltas(x, tasks), T) + base).view(*x.shape[:-1], self.out_features)
-            z = torch.bmm(x.reshape(T, -1, self.in_features),
-                          torch.stack([self.task_A[t] for t in tasks]).transpose(1, 2))
-            up = torch.stack([self.task_B[t] for t in tasks]).transpose(1, 2)
-            s = self.task_scale
-        else:  # the shared B after task_mid: the old order (s · B z, then + base) keeps the recorded outputs' bits
-            return (split_streams(self.task_deltas(x, tasks), T) + base).view(*x.shape[:-1], self.out_features)
-        out = torch.baddbmm(base.reshape(1, -1, self.out_features), z, up, alpha=s)
+        if not self._equal_task_ranks(tasks):
+            # unequal task ranks (one matmul per task), or the shared B after task_mid (TADFormer: this order,
+            # s · B z then + base, keeps the recorded outputs' bits)
+            delta = split_streams(self.task_deltas(x, tasks), len(tasks))
+            return (delta + base).view(*x.shape[:-1], self.out_features)
+        z, up = self._task_factors(x, tasks)
+        out = torch.baddbmm(base.reshape(1, -1, self.out_features), z, up, alpha=self.task_scale)
         return out.view(*x.shape[:-1], self.out_features)
+
+    def _equal_task_ranks(self, tasks: tuple[str, ...]) -> bool:
+        """``task_mode="own"`` with one rank for every task in ``tasks`` (the batched ``bmm`` paths)."""
+        return self.task_mode == "own" and len({self.task_A[t].shape[0] for t in tasks}) == 1
+
+    def _task_factors(self, x: torch.Tensor, tasks: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Down-projections of the task rows ``x`` ``[T*M, ..., in]`` in one ``bmm``, ``z`` ``[T, N, r_t]``, and the
+        up-projections ``[T, r_t, out]`` (unscaled; :meth:`_equal_task_ranks` must hold)."""
+        z = torch.bmm(x.reshape(len(tasks), -1, self.in_features),
+                      torch.stack([self.task_A[t] for t in tasks]).transpose(1, 2))
+        return z, torch.stack([self.task_B[t] for t in tasks]).transpose(1, 2)
 
     def _stacked_forward(self, xs: torch.Tensor, xt: torch.Tensor, tasks: tuple[str, ...]) -> torch.Tensor:
         """Shared stream and task streams (``task_mode="own"``, equal task ranks) in one ``baddbmm`` that writes the
@@ -239,9 +259,8 @@ class LoRALinear(nn.Module):
         base = self.base(xs)
         d, c = self.lora_dropout.unscaled(xs) if isinstance(self.lora_dropout, LoRADropout) else (xs, 1.0)
         z_shared = (d.reshape(n, self.in_features) @ self.lora_A.t()) * (self.scale * c)
-        z_tasks = torch.bmm(xt.reshape(T, n, self.in_features),
-                            torch.stack([self.task_A[t] for t in tasks]).transpose(1, 2)) * self.task_scale
-        up_tasks = torch.stack([self.task_B[t] for t in tasks]).transpose(1, 2)
+        z_tasks, up_tasks = self._task_factors(xt, tasks)
+        z_tasks = z_tasks * self.task_scale
         R = max(self.r, up_tasks.shape[1])
         z = torch.cat([nn.functional.pad(z_shared, (0, R - self.r)).unsqueeze(0),
                        nn.functional.pad(z_tasks, (0, R - up_tasks.shape[1]))])
@@ -291,7 +310,7 @@ class LoRALinear(nn.Module):
             if layout.names[0] != SHARED:
                 raise MtbenchError(f"the shared stream must come first, got {layout.names}")
             xs, xt = first_and_rest(x, layout.size)
-            if self.r > 0 and self.task_mode == "own" and len({self.task_A[t].shape[0] for t in layout.tasks}) == 1:
+            if self.r > 0 and self._equal_task_ranks(layout.tasks):
                 return self._stacked_forward(xs, xt, layout.tasks)
             base = self.base(xs)
             return torch.cat([self._shared_forward(xs, base), self.task_outputs(xt, layout.tasks, base)])
