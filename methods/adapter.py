@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mtbench.adapters import ADAPTER_POSITIONS, AdapterExtension, BottleneckAdapter
-from mtbench.config import MethodConfig, share_field
+from mtbench.config import MethodConfig, positive, share_field
 from mtbench.errors import MtbenchError
 from mtbench.model import MultiTaskModel
 from mtbench.registry import PaperCount, register_method
@@ -44,15 +44,13 @@ _PH = "polyhistor_hrnet"
 @dataclass
 class AdapterConfig(MethodConfig):
     share: str = share_field("dedicated")
-    reduction: int = field(default=4, metadata={"help": "bottleneck = C / reduction (4: 24/48/96/192 on Swin-T)"})
+    reduction: int = field(default=4, metadata=positive("bottleneck = C / reduction (4: 24/48/96/192 on Swin-T)"))
     positions: tuple[str, ...] = field(default=ADAPTER_POSITIONS, metadata={
         "help": "where adapters sit in each block, joined by '+': attn (after attention) and/or mlp"})
     train_norms: bool = field(default=True, metadata={"help": "train the backbone LayerNorms (shared by all tasks)"})
 
     def validate(self) -> None:
         super().validate()
-        if self.reduction <= 0:
-            raise MtbenchError(f"{self.method_name}: reduction must be > 0, got {self.reduction}")
         bad = [p for p in self.positions if p not in ADAPTER_POSITIONS]
         if bad or not self.positions:
             raise MtbenchError(f"{self.method_name}: positions {bad or '(none)'} invalid; valid: "

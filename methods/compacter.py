@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mtbench.adapters import ADAPTER_POSITIONS, AdapterExtension, PHMAdapter, PHMRule
-from mtbench.config import MethodConfig, share_field
+from mtbench.config import MethodConfig, positive, share_field
 from mtbench.errors import MtbenchError
 from mtbench.model import MultiTaskModel
 from mtbench.registry import PaperCount, register_method
@@ -47,18 +47,14 @@ _NOTE = ("cannot be pinned: the printed row implies ~29K per adapter position pe
 @dataclass
 class CompacterConfig(MethodConfig):
     share: str = share_field("dedicated")
-    n: int = field(default=4, metadata={"help": "number of PHM rule matrices (hypercomplex division)"})
-    reduction: int = field(default=32, metadata={
-        "help": "bottleneck = C / reduction, rounded up to a multiple of n"})
+    n: int = field(default=4, metadata=positive("number of PHM rule matrices (hypercomplex division)"))
+    reduction: int = field(default=32, metadata=positive("bottleneck = C / reduction, rounded up to a multiple of n"))
     positions: tuple[str, ...] = field(default=ADAPTER_POSITIONS, metadata={
         "help": "adapter positions joined by '+': attn and/or mlp (compacter_pp: mlp)"})
     train_norms: bool = field(default=True, metadata={"help": "train the backbone LayerNorms (shared by all tasks)"})
 
     def validate(self) -> None:
         super().validate()
-        if self.n <= 0 or self.reduction <= 0:
-            raise MtbenchError(f"{self.method_name}: n and reduction must be > 0, got n={self.n}, "
-                               f"reduction={self.reduction}")
         bad = [p for p in self.positions if p not in ADAPTER_POSITIONS]
         if bad or not self.positions:
             raise MtbenchError(f"{self.method_name}: positions {bad or '(none)'} invalid; valid: "

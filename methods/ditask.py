@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtbench.config import MethodConfig
+from mtbench.config import MethodConfig, at_least, probability
 from mtbench.cpab import CPAB1D, FrozenSVD, Theta, svd_warped_delta
 from mtbench.encoder import StreamPlan
 from mtbench.errors import MtbenchError
@@ -180,20 +180,13 @@ class DiTASKLinear(WrappedLinear):
 
 @dataclass
 class DiTASKConfig(MethodConfig):
-    r: int = field(default=64, metadata={"help": "CPAB tessellation size of the shared warp (theta: r-1 numbers)"})
-    task_r: int = field(default=4, metadata={"help": "CPAB tessellation size of each task warp"})
-    dropout: float = field(default=0.05, metadata={"help": "dropout on each adapted layer's input (official)"})
+    r: int = field(default=64, metadata=at_least(2, "CPAB tessellation size of the shared warp (theta: r-1 numbers)"))
+    task_r: int = field(default=4, metadata=at_least(2, "CPAB tessellation size of each task warp"))
+    dropout: float = field(default=0.05, metadata=probability("dropout on each adapted layer's input (official)"))
     init: str = field(default="kaiming", metadata={"help": "theta init: kaiming (official) | zero (identity)",
                                                     "choices": ("kaiming", "zero")})
     qkv_task_theta: bool = field(default=False, metadata={
         "help": "build the official code's unused per-task theta on every qkv (count only)"})
-
-    def validate(self) -> None:
-        super().validate()
-        if self.r < 2 or self.task_r < 2:
-            raise MtbenchError(f"ditask: r and task_r must be >= 2, got r={self.r}, task_r={self.task_r}")
-        if not 0 <= self.dropout < 1:
-            raise MtbenchError(f"ditask: dropout must be in [0, 1), got {self.dropout}")
 
 
 _NOTE = ("the paper counts the encoder side without decoders: theta + patch embedding + LayerNorms + rel-pos "

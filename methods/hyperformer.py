@@ -63,9 +63,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mtbench.config import MethodConfig
+from mtbench.config import MethodConfig, positive
 from mtbench.encoder import BlockExtension, StreamPlan
-from mtbench.errors import MtbenchError
 from mtbench.hypernet import HyperNetwork, TaskEmbeddings, stream_layer_norm, stream_linear
 from mtbench.model import MultiTaskModel
 from mtbench.registry import PaperCount, register_method
@@ -78,19 +77,15 @@ POSITIONS = ("attn", "mlp")
 
 @dataclass
 class HyperFormerConfig(MethodConfig):
-    reduction_factor: int = field(default=32, metadata={"help": "adapter bottleneck = C // reduction_factor (official 32)"})
-    task_embedding_dim: int = field(default=64, metadata={"help": "task and layer-id embedding size (official 64)"})
-    hidden_dim: int = field(default=128, metadata={"help": "task projector hidden width (task_hidden_dim, official 128)"})
-    projected_dim: int = field(default=64, metadata={"help": "projected task embedding size (official 64)"})
+    reduction_factor: int = field(default=32, metadata=positive(
+        "adapter bottleneck = C // reduction_factor (official 32)"))
+    task_embedding_dim: int = field(default=64, metadata=positive("task and layer-id embedding size (official 64)"))
+    hidden_dim: int = field(default=128, metadata=positive(
+        "task projector hidden width (task_hidden_dim, official 128)"))
+    projected_dim: int = field(default=64, metadata=positive("projected task embedding size (official 64)"))
     efficient: bool = field(default=False, metadata={
         "help": "HyperFormer++: one generator set for attention and MLP adapters, position embedding as input"})
     train_norms: bool = field(default=True, metadata={"help": "train the backbone LayerNorms (unfreeze_layer_norms)"})
-
-    def validate(self) -> None:
-        super().validate()
-        for name in ("reduction_factor", "task_embedding_dim", "hidden_dim", "projected_dim"):
-            if getattr(self, name) <= 0:
-                raise MtbenchError(f"hyperformer: {name} must be > 0, got {getattr(self, name)}")
 
 
 class HyperAdapters(BlockExtension):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mtbench.config import MethodConfig, share_field
+from mtbench.config import MethodConfig, positive, probability, share_field
 from mtbench.errors import MtbenchError
 from mtbench.lora import LoRALinear, inject_lora
 from mtbench.model import MultiTaskModel
@@ -37,18 +37,14 @@ LORA_TARGETS = ("qkv", "proj", "fc1", "fc2", "reduction")
 @dataclass
 class LoRAConfig(MethodConfig):
     share: str = share_field("shared")
-    r: int = field(default=4, metadata={"help": "rank r of every LoRA update"})
+    r: int = field(default=4, metadata=positive("rank r of every LoRA update"))
     scale: float = field(default=4.0, metadata={"help": "raw output scale s (ΔW = s·BA)"})
-    dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
+    dropout: float = field(default=0.05, metadata=probability("dropout on the LoRA input"))
     targets: tuple[str, ...] = field(default=("qkv",), metadata={
         "help": f"linear layers to adapt, joined by '+', from {'+'.join(LORA_TARGETS)}"})
 
     def validate(self) -> None:
         super().validate()
-        if self.r <= 0:
-            raise MtbenchError(f"lora: rank r must be > 0, got r={self.r}")
-        if not 0 <= self.dropout < 1:
-            raise MtbenchError(f"lora: dropout must be in [0, 1), got {self.dropout}")
         bad = [t for t in self.targets if t not in LORA_TARGETS]
         if bad or not self.targets:
             raise MtbenchError(f"lora: unknown target(s) {bad or '(none)'}; valid: {', '.join(LORA_TARGETS)}")

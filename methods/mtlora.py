@@ -29,9 +29,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mtbench.config import MethodConfig
+from mtbench.config import MethodConfig, positive, probability
 from mtbench.encoder import StreamPlan
-from mtbench.errors import MtbenchError
 from mtbench.lora import LoRALinear, inject_block_lora, inject_lora
 from mtbench.model import MultiTaskModel
 from mtbench.registry import PaperCount, register_method
@@ -41,19 +40,12 @@ _SRC = "MTLoRA CVPR'24 Table 1 (official code count, shared/reference/mtlora.md 
 
 @dataclass
 class MTLoRAConfig(MethodConfig):
-    r: int = field(default=16, metadata={"help": "rank r of the task-agnostic (TA) LoRA in every block"})
-    task_r: int = field(default=4, metadata={"help": "rank of the task-specific (TS) LoRA in the last block per stage"})
-    scale: float = field(default=4.0, metadata={"help": "raw LoRA scale s (official SHARED_SCALE)"})
-    dropout: float = field(default=0.05, metadata={"help": "dropout on LoRA inputs"})
+    r: int = field(default=16, metadata=positive("rank r of the task-agnostic (TA) LoRA in every block"))
+    task_r: int = field(default=4, metadata=positive("rank of the task-specific (TS) LoRA in the last block per stage"))
+    scale: float = field(default=4.0, metadata=positive("raw LoRA scale s (official SHARED_SCALE)"))
+    dropout: float = field(default=0.05, metadata=probability("dropout on LoRA inputs"))
     plus: bool = field(default=False, metadata={
         "help": "MTLoRA+: TA-LoRA on PatchMerging reductions, reductions frozen"})
-
-    def validate(self) -> None:
-        super().validate()
-        if self.r <= 0 or self.task_r <= 0:
-            raise MtbenchError(f"mtlora: ranks must be > 0, got r={self.r}, task_r={self.task_r}")
-        if not 0 <= self.dropout < 1:
-            raise MtbenchError(f"mtlora: dropout must be in [0, 1), got {self.dropout}")
 
 
 @register_method(

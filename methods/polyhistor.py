@@ -65,7 +65,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mtbench.config import MethodConfig
+from mtbench.config import MethodConfig, positive
 from mtbench.encoder import BlockExtension, StreamPlan
 from mtbench.errors import MtbenchError
 from mtbench.hypernet import HyperNetwork, TaskEmbeddings, stream_linear
@@ -81,21 +81,15 @@ _NOTE = ("decoders 1.947M here vs ≈2.551M in Polyhistor's table; Polyhistor mo
 
 @dataclass
 class PolyhistorConfig(MethodConfig):
-    reduction_factor: int = field(default=4, metadata={
-        "help": "adapter bottleneck = C // reduction_factor (reading: the benchmark's Houlsby adapters, C/4)"})
-    rank: int = field(default=14, metadata={"help": "rank k of the decomposed hypernetwork's factors (calibrated)"})
+    reduction_factor: int = field(default=4, metadata=positive(
+        "adapter bottleneck = C // reduction_factor (reading: the benchmark's Houlsby adapters, C/4)"))
+    rank: int = field(default=14, metadata=positive("rank k of the decomposed hypernetwork's factors (calibrated)"))
     lite: bool = field(default=False, metadata={
         "help": "Polyhistor-Lite: template kernels at the smallest width x layer-wise scaling kernels (Kronecker)"})
-    embedding_dim: int = field(default=64, metadata={"help": "task and layer embedding size (HyperFormer's 64)"})
-    hidden_dim: int = field(default=128, metadata={"help": "hypernetwork projector hidden width (HyperFormer's 128)"})
-    projected_dim: int = field(default=64, metadata={"help": "projected embedding size fed to the heads"})
+    embedding_dim: int = field(default=64, metadata=positive("task and layer embedding size (HyperFormer's 64)"))
+    hidden_dim: int = field(default=128, metadata=positive("hypernetwork projector hidden width (HyperFormer's 128)"))
+    projected_dim: int = field(default=64, metadata=positive("projected embedding size fed to the heads"))
     train_norms: bool = field(default=False, metadata={"help": "also train the backbone LayerNorms"})
-
-    def validate(self) -> None:
-        super().validate()
-        for name in ("reduction_factor", "rank", "embedding_dim", "hidden_dim", "projected_dim"):
-            if getattr(self, name) <= 0:
-                raise MtbenchError(f"polyhistor: {name} must be > 0, got {getattr(self, name)}")
 
 
 def _head_name(stage: int | None, position: str, matrix: str, factor: str) -> str:

@@ -101,13 +101,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtbench.config import MethodConfig
+from mtbench.config import MethodConfig, positive, probability
 from mtbench.encoder import BlockExtension, StreamPlan
 from mtbench.errors import MtbenchError
 from mtbench.lora import inject_block_lora
 from mtbench.model import MultiTaskModel
 from mtbench.registry import PaperCount, register_method
-from mtbench.streams import first_and_rest
+from mtbench.streams import TaskIndexed, first_and_rest
 from mtbench.swin import reverse_windows, update_prompt_tokens
 
 _T1 = "TADFormer CVPR'25 Table 1"
@@ -118,9 +118,9 @@ _LN_NOTE = "paper form: no TPC LayerNorm, 8,832 fewer than the official model th
 
 @dataclass
 class TADFormerConfig(MethodConfig):
-    r: int = field(default=16, metadata={"help": "rank r of the shared LoRA (TS-module), reused by the TA-module"})
-    scale: float = field(default=4.0, metadata={"help": "raw LoRA scale s"})
-    dropout: float = field(default=0.05, metadata={"help": "dropout on LoRA inputs"})
+    r: int = field(default=16, metadata=positive("rank r of the shared LoRA (TS-module), reused by the TA-module"))
+    scale: float = field(default=4.0, metadata=positive("raw LoRA scale s"))
+    dropout: float = field(default=0.05, metadata=probability("dropout on LoRA inputs"))
     filter: str = field(default="dtf", metadata={
         "help": "TA-module filter: dtf = input-conditioned Dynamic Task Filter shared by tasks (paper §3.4); "
                 "static = per-task static depthwise 3x3 conv (released code)", "choices": ("dtf", "static")})
@@ -143,15 +143,6 @@ class TADFormerConfig(MethodConfig):
         "help": "memory layout of the TPC skip feature: correct (paper) | released (the released code stores it "
                 "[B*nW, C, N] and reads it back as [B*nW, ws, ws, C], scrambling channels and tokens)",
         "choices": ("correct", "released")})
-
-    def validate(self) -> None:
-        super().validate()
-        if self.r <= 0:
-            raise MtbenchError(f"tadformer: rank r must be > 0, got r={self.r}")
-        if not 0 <= self.dropout < 1:
-            raise MtbenchError(f"tadformer: dropout must be in [0, 1), got {self.dropout}")
-        if not self.scale > 0:
-            raise MtbenchError(f"tadformer: scale must be > 0, got {self.scale}")
 
     @property
     def tpc_active(self) -> bool:
@@ -224,30 +215,23 @@ class DynamicTaskFilter(nn.Module):
         return f"channels={self.channels}, kernel_size={self.kernel_size}"
 
 
-class StaticTaskFilters(nn.Module):
+class StaticTaskFilters(TaskIndexed):
     """The released code's filter (``NaiveConvFilter``): one static depthwise ``Conv2d(r, r, k, padding=k//2,
-    groups=r)`` with bias per task (``10r`` parameters per task for k = 3).
+    groups=r)`` with bias per task (``10r`` parameters per task for k = 3), all tasks in one grouped convolution.
 
     Shapes: ``forward(z)`` with ``z`` ``[T*B, r, H, W]``, tasks stacked task-major in ``tasks`` order.
     """
 
     def __init__(self, channels: int, tasks: list[str], kernel_size: int = 3):
-        super().__init__()
-        self.channels = channels
-        self.tasks = list(tasks)
-        self.convs = nn.ModuleDict({t: nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2,
-                                                 groups=channels) for t in tasks})
+        super().__init__(tasks, lambda t: nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2,
+                                                    groups=channels))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        T, r = len(self.tasks), self.channels
-        TB, _, H, W = z.shape
-        B = TB // T
-        zt = z.view(T, B, r, H, W).transpose(0, 1).reshape(B, T * r, H, W)
-        weight = torch.cat([self.convs[t].weight for t in self.tasks])
-        bias = torch.cat([self.convs[t].bias for t in self.tasks])
-        conv = self.convs[self.tasks[0]]
-        out = F.conv2d(zt, weight, bias, padding=conv.padding, groups=T * r)
-        return out.view(B, T, r, H, W).transpose(0, 1).reshape(TB, r, H, W)
+        T, (TB, r, H, W) = len(self.tasks), z.shape
+        zt = z.view(T, TB // T, r, H, W).transpose(0, 1).reshape(TB // T, T * r, H, W)
+        out = F.conv2d(zt, self.stacked("weight", self.tasks).flatten(0, 1), self.stacked("bias", self.tasks).flatten(),
+                       padding=self.module_for(self.tasks[0]).padding, groups=T * r)
+        return out.view(TB // T, T, r, H, W).transpose(0, 1).reshape(TB, r, H, W)
 
 
 class StageGate(nn.Module):
@@ -266,22 +250,15 @@ class StageGate(nn.Module):
 # The model
 # ----------------------------------------------------------------------------------------------------------------
 
+_OFFICIAL_LN = "DTF on the official model (12 TPC LayerNorms, 9 unused)"
+_STATIC = "released code: per-task static 3x3 filter instead of the DTF"
 _SRC_T1 = [
-    PaperCount({"r": 16, "tpc": "official"}, 3.56, _T1, exact=3_557_502,
-               note="DTF on the official model (12 TPC LayerNorms, 9 unused)"),
-    PaperCount({"r": 32, "tpc": "official"}, 4.78, _T1, exact=4_776_126,
-               note="DTF on the official model (12 TPC LayerNorms, 9 unused)"),
-    PaperCount({"r": 64, "tpc": "official"}, 7.38, _T1, exact=7_379_262,
-               note="DTF on the official model (12 TPC LayerNorms, 9 unused)"),
-    PaperCount({"r": 16}, 3.56, _T1, exact=3_548_670, note=_LN_NOTE),
-    PaperCount({"r": 32}, 4.78, _T1, exact=4_767_294, note=_LN_NOTE + " (4.77M)"),
-    PaperCount({"r": 64}, 7.38, _T1, exact=7_370_430, note=_LN_NOTE + " (7.37M)"),
-    PaperCount({"r": 16, "filter": "static", "tpc": "official"}, None, _CODE, exact=3_532_350,
-               note="released code: per-task static 3x3 filter instead of the DTF"),
-    PaperCount({"r": 32, "filter": "static", "tpc": "official"}, None, _CODE, exact=4_670_526,
-               note="released code: per-task static 3x3 filter instead of the DTF"),
-    PaperCount({"r": 64, "filter": "static", "tpc": "official"}, None, _CODE, exact=6_946_878,
-               note="released code: per-task static 3x3 filter instead of the DTF"),
+    *(PaperCount({"r": r, "tpc": "official"}, paper, _T1, exact=n, note=_OFFICIAL_LN)
+      for r, paper, n in ((16, 3.56, 3_557_502), (32, 4.78, 4_776_126), (64, 7.38, 7_379_262))),
+    *(PaperCount({"r": r}, paper, _T1, exact=n, note=_LN_NOTE + rounded) for r, paper, n, rounded in (
+        (16, 3.56, 3_548_670, ""), (32, 4.78, 4_767_294, " (4.77M)"), (64, 7.38, 7_370_430, " (7.37M)"))),
+    *(PaperCount({"r": r, "filter": "static", "tpc": "official"}, None, _CODE, exact=n, note=_STATIC)
+      for r, n in ((16, 3_532_350), (32, 4_670_526), (64, 6_946_878))),
     PaperCount({"r": 32, "tpc": "official", "prompts": False, "dtf": False}, 4.26, _T2 + " Baseline",
                exact=4_258_874),
     PaperCount({"r": 32, "tpc": "official", "dtf": False}, 4.66, _T2 + " +TPC+TP", exact=4_655_166),

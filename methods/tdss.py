@@ -43,9 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtbench.config import MethodConfig
+from mtbench.config import MethodConfig, at_least, positive
 from mtbench.encoder import BlockExtension
-from mtbench.errors import MtbenchError
 from mtbench.model import MultiTaskModel
 from mtbench.registry import PaperCount, register_method
 from mtbench.streams import StreamLayout, TaskIndexed, repeat_streams, split_streams, stream_layout
@@ -58,23 +57,15 @@ _NOTE = ("TDSA matches the paper's 2.36M (Table 5); TSAI + heads 0.97M vs the pa
 
 @dataclass
 class TDSSConfig(MethodConfig):
-    skills: int = field(default=10, metadata={"help": "number of skills M (Table 4(b))"})
-    rank_ratio: float = field(default=0.25, metadata={"help": "low-rank dimension R as a fraction of C (Table 4(c))"})
-    layers: int = field(default=4, metadata={"help": "TSAI synergy layers K (Table 4(d)); 0 = fusion + heads"})
+    skills: int = field(default=10, metadata=positive("number of skills M (Table 4(b))"))
+    rank_ratio: float = field(default=0.25, metadata={"help": "low-rank dimension R as a fraction of C (Table 4(c))",
+                                                      "gt": 0, "le": 1})
+    layers: int = field(default=4, metadata=at_least(0, "TSAI synergy layers K (Table 4(d)); 0 = fusion + heads"))
     insert: str = field(default="both", metadata={"help": "TDSA beside attention and/or FFN (Table 5)",
                                                   "choices": ("both", "attn", "ffn")})
     sre: bool = field(default=True, metadata={"help": "skill experts + dynamic task gating; false = shared adapter "
                                                       "(Table 5 row 3)"})
     gating: bool = field(default=True, metadata={"help": "dynamic task gating; false = mean skill for every task"})
-
-    def validate(self) -> None:
-        super().validate()
-        if self.skills <= 0:
-            raise MtbenchError(f"tdss: skills must be > 0, got {self.skills}")
-        if not 0 < self.rank_ratio <= 1:
-            raise MtbenchError(f"tdss: rank_ratio must be in (0, 1], got {self.rank_ratio}")
-        if self.layers < 0:
-            raise MtbenchError(f"tdss: layers must be >= 0, got {self.layers}")
 
 
 class SkillGate(nn.Module):

@@ -50,9 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtbench.config import MethodConfig
+from mtbench.config import MethodConfig, positive
 from mtbench.encoder import BlockContext, BlockExtension
-from mtbench.errors import MtbenchError
 from mtbench.model import MultiTaskModel
 from mtbench.registry import PaperCount, register_method
 from mtbench.streams import TaskIndexed
@@ -126,14 +125,9 @@ class VMTAdapterBlock(BlockExtension):
 
 @dataclass
 class VMTAdapterConfig(MethodConfig):
-    reduction: int = field(default=4, metadata={"help": "adapter bottleneck C/reduction"})
+    reduction: int = field(default=4, metadata=positive("adapter bottleneck C/reduction"))
     lite: bool = field(default=False, metadata={"help": "VMT-Adapter-Lite: W_up tied to W_down^T"})
     lite_scale: float = field(default=0.1, metadata={"help": "output scale of the Lite adapter"})
-
-    def validate(self) -> None:
-        super().validate()
-        if self.reduction <= 0:
-            raise MtbenchError(f"vmt_adapter: reduction must be > 0, got {self.reduction}")
 
 
 _SRC = "VMT-Adapter AAAI'24 / TDSS Table 1 (on Polyhistor's ~2.551M decoder)"

@@ -41,9 +41,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from mtbench.config import MethodConfig, share_field
+from mtbench.config import MethodConfig, positive, probability, share_field
 from mtbench.encoder import BlockExtension
-from mtbench.errors import MtbenchError
 from mtbench.model import MultiTaskModel
 from mtbench.registry import PaperCount, register_method
 from mtbench.streams import SHARED, StreamLayout, TaskIndexed
@@ -87,16 +86,9 @@ class DeepPrompts(BlockExtension):
 @dataclass
 class VPTConfig(MethodConfig):
     share: str = share_field("dedicated")
-    prompts: int = field(default=50, metadata={"help": "prompt tokens per set (the reported rows imply 50)"})
+    prompts: int = field(default=50, metadata=positive("prompt tokens per set (the reported rows imply 50)"))
     deep: bool = field(default=False, metadata={"help": "VPT-deep: own prompts before every block"})
-    dropout: float = field(default=0.1, metadata={"help": "prompt dropout"})
-
-    def validate(self) -> None:
-        super().validate()
-        if self.prompts <= 0:
-            raise MtbenchError(f"{self.method_name}: prompts must be > 0, got {self.prompts}")
-        if not 0 <= self.dropout < 1:
-            raise MtbenchError(f"{self.method_name}: dropout must be in [0, 1), got {self.dropout}")
+    dropout: float = field(default=0.1, metadata=probability("prompt dropout"))
 
 
 @register_method(

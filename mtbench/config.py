@@ -1,8 +1,9 @@
 """Typed method configs and the command-line method-option syntax.
 
-Every method has a dataclass config deriving from :class:`MethodConfig`. Each field carries ``metadata={"help": ...}``
-(and ``"choices"`` for enumerations); ``validate`` checks invariants. Options arrive as strings from the command line
-and are converted by field type.
+Every method has a dataclass config deriving from :class:`MethodConfig`. Each field carries ``metadata={"help": ...}``,
+``"choices"`` for enumerations and bounds for numbers (``"gt"``, ``"ge"``, ``"lt"``, ``"le"``; helpers :func:`positive`,
+:func:`at_least`, :func:`probability`); :meth:`MethodConfig.validate` checks them (subclasses add cross-field checks).
+Options arrive as strings from the command line and are converted by field type.
 
 Method-option syntax (``mtbench run --methods``)::
 
@@ -36,12 +37,20 @@ class MethodConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Check invariants of the fields. Raises :class:`MtbenchError` naming the bad value."""
+        """Check the fields' ``choices`` and bounds (module docstring).
+
+        Raises:
+            MtbenchError: naming the method, the field, what is accepted and the bad value, e.g.
+                ``mtlora: r must be > 0, got 0`` or ``lora: dropout must be in [0, 1), got 1.5``.
+        """
         for f in fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
             if choices and value not in choices:
                 raise MtbenchError(f"{self.method_name}: {f.name}={value!r} is not one of {', '.join(map(str, choices))}")
+            accepted = _bounds_text(f.metadata)
+            if accepted and not all(_CHECKS[k](value, f.metadata[k]) for k in _CHECKS if k in f.metadata):
+                raise MtbenchError(f"{self.method_name}: {f.name} must be {accepted}, got {value}")
 
     @classmethod
     def option_names(cls) -> list[str]:
@@ -58,6 +67,8 @@ class MethodConfig:
             help_ = f.metadata.get("help", "")
             if f.metadata.get("choices"):
                 help_ += f" ({'|'.join(map(str, f.metadata['choices']))})"
+            if accepted := _bounds_text(f.metadata):
+                help_ += f" ({accepted})"
             out.append((f.name, str(default), help_))
         return out
 
@@ -86,6 +97,35 @@ class MethodConfig:
         """Fields whose value differs from the class default."""
         default = type(self)()
         return {k: v for k, v in self.to_dict().items() if v != default.to_dict()[k]}
+
+
+_CHECKS = {"gt": lambda v, b: v > b, "ge": lambda v, b: v >= b, "lt": lambda v, b: v < b, "le": lambda v, b: v <= b}
+_OPS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+
+
+def _bounds_text(meta) -> str:
+    """What a field's bounds accept, as the error and ``mtbench list`` say it: ``> 0``, ``>= 2``, ``in [0, 1)``."""
+    lo = next(((k, meta[k]) for k in ("gt", "ge") if k in meta), None)
+    hi = next(((k, meta[k]) for k in ("lt", "le") if k in meta), None)
+    if lo and hi:
+        return f"in {'(' if lo[0] == 'gt' else '['}{lo[1]}, {hi[1]}{')' if hi[0] == 'lt' else ']'}"
+    one = lo or hi
+    return f"{_OPS[one[0]]} {one[1]}" if one else ""
+
+
+def positive(help: str, **meta) -> dict[str, Any]:
+    """Field metadata: ``help`` and the bound ``> 0``."""
+    return {"help": help, "gt": 0, **meta}
+
+
+def at_least(low: int, help: str, **meta) -> dict[str, Any]:
+    """Field metadata: ``help`` and the bound ``>= low``."""
+    return {"help": help, "ge": low, **meta}
+
+
+def probability(help: str, **meta) -> dict[str, Any]:
+    """Field metadata for a dropout-like probability: ``help`` and the bounds ``[0, 1)``."""
+    return {"help": help, "ge": 0, "lt": 1, **meta}
 
 
 def _convert(method: str, key: str, raw: Any, hint: Any) -> Any:

@@ -22,13 +22,14 @@ def files_under(path: Path) -> list[Path]:
 
 @pytest.mark.parametrize("args,message", [
     (["--methods", "nosuch"], "unknown method 'nosuch'; valid:"),
-    (["--methods", "mtlora:r=-4"], "r=-4"),
+    (["--methods", "mtlora:r=-4"], "mtlora: r must be > 0, got -4"),
+    (["--methods", "lora:dropout=1"], "lora: dropout must be in [0, 1), got 1.0"),
     (["--methods", "lora", "--tasks", "semseg,nosuchtask"], "unknown task 'nosuchtask'"),
     (["--methods", "lora", "--weights", "/nonexistent/swin.pth"], "weights file not found"),
     (["--methods", "mtlora:rank=4"], "no option 'rank'"),
     (["--methods", "lora", "--device", "tpu"], "unknown device 'tpu'"),
     (["--methods", "lora", "--decoder", "nope"], "unknown decoder 'nope'; valid: mtlora_hrnet, hrnet_270"),
-    (["--methods", "ditask:r=1"], "ditask: r and task_r must be >= 2, got r=1"),
+    (["--methods", "ditask:r=1"], "ditask: r must be >= 2, got 1"),
     (["--methods", "vmt_adapter:reduction=0"], "vmt_adapter: reduction must be > 0, got 0"),
 ])
 def test_run_bad_input_is_one_line_exit_2(tmp_path, args, message):

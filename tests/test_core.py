@@ -202,10 +202,16 @@ def test_parse_method_specs():
 def test_config_validation_errors():
     with pytest.raises(MtbenchError, match="unknown method 'nosuch'; valid: .*mtlora"):
         resolve("nosuch")
-    with pytest.raises(MtbenchError, match="r=-4"):
+    with pytest.raises(MtbenchError, match="^mtlora: r must be > 0, got -4$"):
         resolve_spec(MethodSpec("mtlora", {"r": "-4"}))
-    with pytest.raises(MtbenchError, match="r=0"):
+    with pytest.raises(MtbenchError, match="^lora: r must be > 0, got 0$"):
         resolve_spec(MethodSpec("lora", {"r": "0"}))
+    with pytest.raises(MtbenchError, match=r"^tadformer: dropout must be in \[0, 1\), got -0.1$"):
+        resolve_spec(MethodSpec("tadformer", {"dropout": "-0.1"}))
+    with pytest.raises(MtbenchError, match="^tdss: layers must be >= 0, got -1$"):
+        resolve_spec(MethodSpec("tdss", {"layers": "-1"}))
+    assert resolve_spec(MethodSpec("tdss", {"layers": "0"})).config.layers == 0  # the bound itself is accepted
+    assert resolve_spec(MethodSpec("lora", {"dropout": "0"})).config.dropout == 0
     with pytest.raises(MtbenchError, match="no option 'rank'"):
         resolve_spec(MethodSpec("mtlora", {"rank": "4"}))
     with pytest.raises(MtbenchError, match="not a valid int"):
@@ -215,6 +221,17 @@ def test_config_validation_errors():
     rm = resolve_spec(MethodSpec("mtlora_plus", {"r": "32"}))
     assert rm.config.plus is True and rm.config.r == 32
     assert rm.variant_key == "mtlora_plus_r=32"
+
+
+def test_config_bounds_are_declared_once_and_listed():
+    """Bounds live in the field metadata (mtbench/config.py); ``mtbench list`` shows what each option accepts."""
+    from mtbench.config import MethodConfig, _bounds_text
+
+    assert [_bounds_text(m) for m in ({"gt": 0}, {"ge": 2}, {"ge": 0, "lt": 1}, {"gt": 0, "le": 1}, {})] == \
+        ["> 0", ">= 2", "in [0, 1)", "in (0, 1]", ""]
+    described = {name: help_ for name, _, help_ in resolve("mtlora")[0].config_cls.describe_options()}
+    assert described["r"].endswith("(> 0)") and described["dropout"].endswith("(in [0, 1))")
+    assert all(issubclass(resolve(n)[0].config_cls, MethodConfig) for n in ("lora", "ditask", "tdss"))
 
 
 def test_single_task_backbones_are_independent():

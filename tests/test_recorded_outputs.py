@@ -12,6 +12,7 @@ the last bits (measured: at most 6e-7 of the tensor's scale, i.e. a few ulp); an
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -28,8 +29,9 @@ NAMES = json.loads(rec.NAMES_OUT.read_text())
 
 
 def old_name(name: str) -> str:
-    """Today's parameter name -> the name it had when the outputs were recorded."""
-    return name
+    """Today's parameter name -> the name it had when the outputs were recorded (TADFormer's static filters are a
+    :class:`mtbench.streams.TaskIndexed` since, ``per_task`` where they had ``convs``)."""
+    return re.sub(r"^(filters\.\d+\.(?:proj|fc1|fc2))\.per_task\.", r"\1.convs.", name)
 
 
 #: Specs whose meaning changed on purpose since the recording, built as they were recorded.

@@ -97,7 +97,7 @@ def test_table2_ablation_terms():
 
 # ------------------------------------------------------------------------------------------------ config
 def test_config_validation():
-    with pytest.raises(MtbenchError, match="rank"):
+    with pytest.raises(MtbenchError, match="^tadformer: r must be > 0, got 0$"):
         build("tadformer:r=0")
     with pytest.raises(MtbenchError, match="filter"):
         resolve_spec(parse_method_specs("tadformer:filter=dynamic")[0])
@@ -155,8 +155,8 @@ def test_static_filters_per_task():
     f = StaticTaskFilters(4, ["a", "b"])
     z = torch.randn(2 * 3, 4, 5, 5)
     out = f(z)
-    assert torch.allclose(out[:3], f.convs["a"](z[:3]), atol=1e-6)
-    assert torch.allclose(out[3:], f.convs["b"](z[3:]), atol=1e-6)
+    assert torch.allclose(out[:3], f.module_for("a")(z[:3]), atol=1e-6)
+    assert torch.allclose(out[3:], f.module_for("b")(z[3:]), atol=1e-6)
     assert sum(p.numel() for p in f.parameters()) == 2 * 10 * 4
 
 
