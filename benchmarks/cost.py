@@ -11,7 +11,10 @@ Training memory = bytes autograd saves for backward during the step (unique stor
 that depends on the method (the frozen weights are the same for all). Deterministic, unlike process RSS.
 
 Run from a checkout root: ``PYTHONPATH=$PWD python benchmarks/cost.py`` (``--methods``, ``--rounds``, ``--size``
-for a quicker look). The same script runs on older checkouts (it uses only the registry API).
+for a quicker look). The same script runs on older checkouts (it uses only the registry API). A method written
+``NAME@MODE`` (``mtlora@task``) trains with ``--activation-checkpoint MODE``; its memory then counts what the
+checkpoints keep outside their blocks, not the one block recomputed at a time in backward (``mtbench profile
+--activation-checkpoint`` measures the whole peak).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 
 
 def build(spec: str, size: int):
+    spec, _, mode = spec.partition("@")
     from mtbench.config import parse_method_specs
     from mtbench.registry import build_model, resolve_spec
     from mtbench.swin import create_backbone
@@ -31,7 +35,10 @@ def build(spec: str, size: int):
 
     torch.manual_seed(0)
     backbone = create_backbone("swin_tiny_patch4_window7_224", img_size=size)
-    return build_model(resolve_spec(parse_method_specs(spec)[0]), backbone, resolve_tasks("pascal_context"))
+    model = build_model(resolve_spec(parse_method_specs(spec)[0]), backbone, resolve_tasks("pascal_context"))
+    if mode:
+        model.activation_checkpoint = mode
+    return model
 
 
 def train_step(model, x) -> tuple[float, int]:

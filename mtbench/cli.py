@@ -23,6 +23,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console(width=None if sys.stdout.isatty() else 200)  # no wrapping when piped
 
 
+_ACTIVATION_HELP = ("activation checkpointing in training: none | task (recompute the blocks that run several "
+                    "streams, e.g. MTLoRA's and TADFormer's last block per stage) | all (every block); less memory, "
+                    "more time, the same outputs and gradients")
+
+
 @app.command("list")
 def list_cmd() -> None:
     """Show every registered method with its paper, variants and options."""
@@ -129,6 +134,7 @@ def run(
                                           "interaction on the default decoder (inter_task_mha | inter_task_deformable) "
                                           "or DECODER+INTERACTION; default "
                                           "per backbone (Swin-T: mtlora_hrnet, embedded: hrnet_270)"),
+    activation_checkpoint: str = typer.Option("none", help=_ACTIVATION_HELP),
 ) -> None:
     """Train, select on validation, evaluate on test, and write one result file per method and seed."""
     from mtbench import distributed
@@ -144,7 +150,8 @@ def run(
                      max_train_batches=max_train_batches, data_root=data_root, weights=weights, init=init,
                      results_dir=results_dir, existing=existing, train_size=train_size, command=default_command(),
                      preset=preset, eval_resolution=eval_resolution, decoder=decoder,
-                     seeds=_int_list(seeds, "--seeds"), restart=restart, checkpoint_minutes=checkpoint_minutes)
+                     seeds=_int_list(seeds, "--seeds"), restart=restart, checkpoint_minutes=checkpoint_minutes,
+                     activation_checkpoint=activation_checkpoint)
     _, runs, _ = plan(req)
     todo = [r for r in runs if not (r.path.exists() and existing == "skip")]
     if launcher is not None:
@@ -547,6 +554,8 @@ def profile(
                                     "{results_dir}/{dataset}/{method}/{variant}/profile_{device}.json"),
     out_dir: str = typer.Option("reports", help="where --scaling writes its CSV and figure"),
     memory: bool = typer.Option(True, help="measure peak memory (one fresh process per method and mode)"),
+    activation_checkpoint: str = typer.Option("none", help=_ACTIVATION_HELP + "; profiles are written as "
+                                              "profile_{device}_ckpt-{mode}.json beside the default ones"),
 ) -> None:
     """Measure FLOPs (fvcore, cross-checked by torch), peak memory and latency of methods in a dataset's setting."""
     from mtbench.config import parse_method_specs
@@ -568,6 +577,11 @@ def profile(
         raise MtbenchError(f"unknown --scaling {scaling!r}; valid: tasks")
     if max_tasks < 1:
         raise MtbenchError(f"--max-tasks must be >= 1, got {max_tasks}")
+    from mtbench.encoder import ACTIVATION_CHECKPOINT
+
+    if activation_checkpoint not in ACTIVATION_CHECKPOINT:
+        raise MtbenchError(f"unknown --activation-checkpoint {activation_checkpoint!r}; valid: "
+                           f"{', '.join(ACTIVATION_CHECKPOINT)}")
     parsed = parse_method_specs(methods)
     specs = [s.label() for s in parsed]
     labels = [resolve_spec(s).label for s in parsed]  # validates every name and option before anything is built
@@ -589,7 +603,7 @@ def profile(
 
     t0 = time.perf_counter()
     profiles = profile_methods(specs, dataset, batch_size=batch_size, device=dev, rounds=rounds, warmup=warmup,
-                               compare_to=compare_to, memory=memory,
+                               compare_to=compare_to, memory=memory, activation_checkpoint=activation_checkpoint,
                                log=lambda m: console.print(f"[dim]{time.perf_counter() - t0:6.0f} s  {m}[/dim]"))
     env = profiles[0]["env"]
     mem_key = "allocated_step_mb" if dev.type == "cuda" else "rss_step_mb"
@@ -633,7 +647,8 @@ def profile(
             console.print(f"  fvcore vs torch differ by {100 * fi['rel_diff']:+.2f}% (> 2%): {escape(diff)}")
         else:
             console.print(f"  fvcore and torch agree within 2% ({100 * fi['rel_diff']:+.2f}%)")
-        path = profile_path(results_dir, dataset, p["method"], p["variant"], dev.type)
+        path = profile_path(results_dir, dataset, p["method"], p["variant"], dev.type,
+                            activation_checkpoint=activation_checkpoint)
         write_profile(p, path)
         console.print(f"  wrote {path}")
 

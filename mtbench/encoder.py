@@ -65,6 +65,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mtbench.errors import MtbenchError
 from mtbench.streams import (
@@ -326,6 +327,31 @@ def run_block(block: nn.Module, x: torch.Tensor, ctx: BlockContext, extensions: 
     return x, prompts
 
 
+#: ``--activation-checkpoint`` choices. ``task``: the blocks that run more than one stream (where the task streams split
+#: off or continue; MTLoRA and TADFormer: the last block of each stage) keep only their inputs for backward and run
+#: their forward again there; ``all``: every block (the official Swin code's ``USE_CHECKPOINT``); ``none``: neither.
+ACTIVATION_CHECKPOINT = ("none", "task", "all")
+
+
+def _checkpointed(model: nn.Module, layout: StreamLayout, split: bool) -> bool:
+    mode = getattr(model, "activation_checkpoint", "none")
+    if mode not in ACTIVATION_CHECKPOINT:
+        raise MtbenchError(f"unknown --activation-checkpoint {mode!r}; valid: {', '.join(ACTIVATION_CHECKPOINT)}")
+    if mode == "none" or not (model.training and torch.is_grad_enabled()):
+        return False
+    return mode == "all" or split or layout.size > 1
+
+
+def _block_step(block, x, prompts, make_ctx: Callable, exts, split: bool, out: list):
+    """One block from a fresh context (so that a checkpoint's recomputation starts from the same state); the
+    context is left in ``out``."""
+    ctx = make_ctx(prompts)
+    with stream_layout(ctx.layout):
+        y, p = run_block(block, x, ctx, exts, split)
+    out[:] = [ctx]
+    return y, p
+
+
 def encode(model: nn.Module, images: torch.Tensor) -> tuple[dict[str, list[torch.Tensor]], dict[str, torch.Tensor]]:
     """The one stage loop: per-task multi-scale features of a :class:`mtbench.model.MultiTaskModel`.
 
@@ -374,14 +400,23 @@ def encode(model: nn.Module, images: torch.Tensor) -> tuple[dict[str, list[torch
                 x = repeat_streams(x, layout.size)
                 split = False
             exts = model.extensions_at(i, j)
+            ckpt = _checkpointed(model, layout, split)
             if not exts and prompts is None and not split:
                 with stream_layout(layout):
-                    x = block(x)
+                    x = checkpoint(block, x, use_reentrant=False) if ckpt else block(x)
                 continue
-            ctx = BlockContext(i, j, depth, block, layout, model, prompts, state=state, aux_losses=aux)
-            with stream_layout(layout):
-                x, prompts = run_block(block, x, ctx, exts, split)
-            layout = ctx.layout
+
+            def make_ctx(p, i=i, j=j, depth=depth, block=block, layout=layout, before=dict(state), calls=[0]):
+                # a checkpoint's recomputation sees the model state as the block first saw it, and writes aside
+                calls[0] += 1
+                first = calls[0] == 1
+                return BlockContext(i, j, depth, block, layout, model, p, state=state if first else dict(before),
+                                    aux_losses=aux if first else {})
+
+            out: list[BlockContext] = []
+            args = (block, x, prompts, make_ctx, exts, split, out)
+            x, prompts = checkpoint(_block_step, *args, use_reentrant=False) if ckpt else _block_step(*args)
+            layout = out[0].layout
         if layout.has_shared and layout.size > 1:  # shared rows apart: the next stage's input does not depend on T
             x_shared, x_tasks = first_and_rest(x, layout.size)
             with stream_layout(StreamLayout((SHARED,), B)):
@@ -418,6 +453,9 @@ class EncoderHooks:
 
     #: where the task streams exist (set an instance attribute in ``__init__`` to change it)
     stream_plan: StreamPlan = StreamPlan()
+    #: activation checkpointing of blocks in training (:data:`ACTIVATION_CHECKPOINT`); an execution setting, not part of
+    #: the method (outputs and gradients are unchanged), set by ``mtbench run/profile --activation-checkpoint``
+    activation_checkpoint: str = "none"
 
     def extensions_at(self, stage: int, index: int) -> list[BlockExtension]:
         """Extensions of block ``index`` of ``stage``, in the order their hooks run."""

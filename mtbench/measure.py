@@ -391,12 +391,14 @@ class Workload:
         device: where to run.
         tasks: task specs (default: the dataset's default tasks).
         seed: seed of the random inputs and initialisation.
+        activation_checkpoint: :data:`mtbench.encoder.ACTIVATION_CHECKPOINT` mode of the training step.
 
     Raises:
         MtbenchError: unknown method, option or dataset.
     """
 
-    def __init__(self, spec: str, dataset: str, batch_size: int, device, tasks=None, seed: int = 0):
+    def __init__(self, spec: str, dataset: str, batch_size: int, device, tasks=None, seed: int = 0,
+                 activation_checkpoint: str = "none"):
         from mtbench.config import parse_method_specs
         from mtbench.errors import MtbenchError
         from mtbench.losses import build_loss
@@ -419,6 +421,7 @@ class Workload:
         self.batch_size = batch_size
         torch.manual_seed(seed)
         self.model = build_model(self.resolved, create_backbone(DATASET_BACKBONE[dataset]), self.tasks).to(self.device)
+        self.model.activation_checkpoint = activation_checkpoint
         self.img_size = tuple(self.model.img_size)
         g = torch.Generator().manual_seed(seed)
         self.image1 = torch.randn(1, 3, *self.img_size, generator=g).to(self.device)
@@ -523,7 +526,7 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> dict[str, Any]:
 
 
 def _memory_child(spec: str, dataset: str, batch_size: int, device: str, modes: list[str], threads: int,
-                  n_tasks: int | None) -> dict:
+                  n_tasks: int | None, activation_checkpoint: str = "none") -> dict:
     import gc
 
     from mtbench.cpu import configure_cpu
@@ -531,7 +534,7 @@ def _memory_child(spec: str, dataset: str, batch_size: int, device: str, modes: 
     configure_cpu(allocator=False)  # denormals as the timed process; glibc's own allocator so peaks are not hidden
     torch.set_num_threads(threads)
     tasks = None if n_tasks is None else scaled_tasks(dataset, n_tasks)
-    w = Workload(spec, dataset, batch_size, device, tasks=tasks)
+    w = Workload(spec, dataset, batch_size, device, tasks=tasks, activation_checkpoint=activation_checkpoint)
     out = {}
     for mode in modes:
         gc.collect()
@@ -540,7 +543,8 @@ def _memory_child(spec: str, dataset: str, batch_size: int, device: str, modes: 
 
 
 def measure_memory_isolated(spec: str, dataset: str, batch_size: int, device: torch.device,
-                            modes: Sequence[str] = ("inference", "train"), n_tasks: int | None = None) -> dict:
+                            modes: Sequence[str] = ("inference", "train"), n_tasks: int | None = None,
+                            activation_checkpoint: str = "none") -> dict:
     """:func:`peak_memory` of one inference call (batch 1) and of one training step (``batch_size``; the first
     step, so gradients and AdamW's two moments are allocated inside it) of a method, in a fresh Python process
     (``sys.executable``) per method that builds the model and then measures the modes in order (inference first:
@@ -562,7 +566,8 @@ def measure_memory_isolated(spec: str, dataset: str, batch_size: int, device: to
     from mtbench.errors import MtbenchError
 
     args = _json.dumps({"spec": spec, "dataset": dataset, "batch_size": batch_size, "device": str(device),
-                        "modes": list(modes), "threads": torch.get_num_threads(), "n_tasks": n_tasks})
+                        "modes": list(modes), "threads": torch.get_num_threads(), "n_tasks": n_tasks,
+                        "activation_checkpoint": activation_checkpoint})
     res = subprocess.run([sys.executable, "-c", "from mtbench.measure import _child_main; _child_main()", args],
                          capture_output=True, text=True)
     lines = res.stdout.strip().splitlines()
@@ -579,7 +584,7 @@ def _child_main() -> None:
 
     a = _json.loads(sys.argv[1])
     print(_json.dumps(_memory_child(a["spec"], a["dataset"], a["batch_size"], a["device"], a["modes"], a["threads"],
-                                    a["n_tasks"])))
+                                    a["n_tasks"], a.get("activation_checkpoint", "none"))))
 
 
 # ------------------------------------------------------------------------------------------------------ profile
@@ -606,6 +611,7 @@ def environment_info(device: torch.device) -> dict[str, Any]:
 def profile_methods(specs: Sequence[str], dataset: str = "pascal_context", *, batch_size: int = 2,
                     device: str | torch.device = "cpu", rounds: int = 3, warmup: int = 1,
                     compare_to: str | None = None, tasks=None, memory: bool = True,
+                    activation_checkpoint: str = "none",
                     log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Profile methods in a dataset's setting: FLOPs, peak memory, latency, and ratios to a reference method.
 
@@ -620,6 +626,7 @@ def profile_methods(specs: Sequence[str], dataset: str = "pascal_context", *, ba
         compare_to: a label among ``specs`` (e.g. ``mtl_full``) or None.
         tasks: task specs (default the dataset's; :func:`scaled_tasks` for the scaling measurement).
         memory: measure peak memory (fresh child processes).
+        activation_checkpoint: :data:`mtbench.encoder.ACTIVATION_CHECKPOINT` mode of the training steps (recorded).
         log: progress messages.
 
     Returns:
@@ -639,7 +646,8 @@ def profile_methods(specs: Sequence[str], dataset: str = "pascal_context", *, ba
     sync = synchronizer(device)
     works = []
     for s in specs:
-        works.append(Workload(s, dataset, batch_size, device, tasks=tasks))
+        works.append(Workload(s, dataset, batch_size, device, tasks=tasks,
+                              activation_checkpoint=activation_checkpoint))
     labels = [w.label for w in works]
     if len(set(labels)) != len(labels):
         raise MtbenchError(f"a method is listed twice in {', '.join(specs)}")
@@ -668,7 +676,8 @@ def profile_methods(specs: Sequence[str], dataset: str = "pascal_context", *, ba
             "schema": "mtbench.profile/1", "method": w.resolved.name, "variant": w.resolved.variant_key,
             "label": w.label, "options": w.resolved.config.to_dict(), "dataset": dataset,
             "tasks": [t.name for t in w.tasks], "input_size": list(w.img_size), "batch_size": batch_size,
-            "precision": "float32", "params": {"trainable": pb.trainable, "total": pb.total},
+            "precision": "float32", "activation_checkpoint": activation_checkpoint,
+            "params": {"trainable": pb.trainable, "total": pb.total},
             "flops": {"unit_note": "fvcore counts multiply-accumulates (GMACs); GFLOPs = 2 x GMACs; torch's "
                                    "FlopCounterMode counts FLOPs; all per image (batch 1)",
                       "inference": fl_inf.to_dict(),
@@ -685,7 +694,8 @@ def profile_methods(specs: Sequence[str], dataset: str = "pascal_context", *, ba
         for w, prof in zip(works, profiles):
             log(f"memory (fresh process): {w.label}")
             n_tasks = None if tasks is None else len(tasks)
-            prof["memory"] = measure_memory_isolated(w.spec, dataset, batch_size, device, n_tasks=n_tasks)
+            prof["memory"] = measure_memory_isolated(w.spec, dataset, batch_size, device, n_tasks=n_tasks,
+                                                     activation_checkpoint=activation_checkpoint)
     log(f"latency: {warmup} warm-up + {rounds} round-robin rounds")
     for w in works:
         for _ in range(warmup):

@@ -91,10 +91,14 @@ def result_path(root: str | os.PathLike, dataset: str, method: str, variant: str
     return Path(root) / dataset / method / variant / f"seed{seed}.json"
 
 
-def profile_path(root: str | os.PathLike, dataset: str, method: str, variant: str, device: str) -> Path:
+def profile_path(root: str | os.PathLike, dataset: str, method: str, variant: str, device: str,
+                 activation_checkpoint: str = "none") -> Path:
     """Where ``mtbench profile`` writes a method's cost profile: beside its results,
-    ``{root}/{dataset}/{method}/{variant}/profile_{device}.json`` (``device`` = ``cpu`` or ``cuda``)."""
-    return Path(root) / dataset / method / variant / f"profile_{device}.json"
+    ``{root}/{dataset}/{method}/{variant}/profile_{device}.json`` (``device`` = ``cpu`` or ``cuda``), or
+    ``profile_{device}_ckpt-{mode}.json`` when measured with ``--activation-checkpoint mode`` (tables and plots read
+    the default profiles)."""
+    suffix = "" if activation_checkpoint == "none" else f"_ckpt-{activation_checkpoint}"
+    return Path(root) / dataset / method / variant / f"profile_{device}{suffix}.json"
 
 
 def profile_for_result(result_file: str | os.PathLike, device: str | None = None) -> Path | None:

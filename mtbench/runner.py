@@ -20,6 +20,7 @@ import torch
 from mtbench.config import parse_method_specs
 from mtbench.cpu import APPLIED as CPU_SETTINGS, configure_cpu
 from mtbench.decoders import resolve_decoder
+from mtbench.encoder import ACTIVATION_CHECKPOINT
 from mtbench.errors import MtbenchError
 from mtbench.identity import RunIdentity, make_identity
 from mtbench.measure import count_params
@@ -84,6 +85,9 @@ class RunRequest:
     restart: bool = False
     #: also checkpoint every this many minutes of training (0: only after evaluations and on stop)
     checkpoint_minutes: float = 10.0
+    #: activation checkpointing of blocks (:data:`mtbench.encoder.ACTIVATION_CHECKPOINT`): memory for time, same
+    #: numbers (recorded in the result's ``env``, not in its identity)
+    activation_checkpoint: str = "none"
 
 
 @dataclass
@@ -142,6 +146,9 @@ def plan(req: RunRequest) -> tuple[list[TaskSpec], list[PlannedRun], TrainConfig
     if req.existing not in EXISTING_POLICIES:
         raise MtbenchError(f"unknown --existing {req.existing!r}; valid: {', '.join(EXISTING_POLICIES)}")
     spec = get_dataset(req.dataset)
+    if req.activation_checkpoint not in ACTIVATION_CHECKPOINT:
+        raise MtbenchError(f"unknown --activation-checkpoint {req.activation_checkpoint!r}; valid: "
+                           f"{', '.join(ACTIVATION_CHECKPOINT)}")
     if req.eval_resolution not in EVAL_RESOLUTIONS:
         raise MtbenchError(f"unknown --eval-resolution {req.eval_resolution!r}; valid: {', '.join(EVAL_RESOLUTIONS)}")
     if req.eval_resolution == "original" and spec.data_dir is None:
@@ -259,6 +266,7 @@ def run_one(req: RunRequest, tasks: list[TaskSpec], planned: PlannedRun, recipe:
         init = req.weights or req.init
         backbone = create_backbone(backbone_name, pretrained=(req.init == "pretrained"), weights=req.weights)
         model = build_model(planned.method, backbone, tasks, decoder=req.decoder)
+        model.activation_checkpoint = req.activation_checkpoint
         params = count_params(model)
         references, ref_source = load_references(req.dataset)
         train_set, val_set, test_set = datasets
@@ -297,7 +305,8 @@ def run_one(req: RunRequest, tasks: list[TaskSpec], planned: PlannedRun, recipe:
                         processes=distributed.world_size()),
         identity=planned.identity, metrics=test_metrics, primary=prim, protocol=evaluation_protocol(req, tasks),
         delta_m=DeltaM(value=dm, references=references, reference_source=ref_source),
-        params=params.to_dict(), env=environment(device),
+        params=params.to_dict(),
+        env={**environment(device), "activation_checkpoint": req.activation_checkpoint},
     )
     if main:
         save_checkpoint(model, checkpoint_path(planned.path))

@@ -1,0 +1,84 @@
+"""Activation checkpointing of blocks (``--activation-checkpoint``, :data:`mtbench.encoder.ACTIVATION_CHECKPOINT`):
+the same outputs and gradients as without it (LoRA dropout and drop-path masks are drawn again identically in the
+recomputation), fewer tensors kept for backward, and a one-line error for a bad mode."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtbench.config import parse_method_specs
+from mtbench.registry import build_model, resolve_spec
+from mtbench.swin import create_backbone
+from mtbench.tasks import TaskSpec
+
+TASKS = [TaskSpec("semseg", 5, 1.0), TaskSpec("sal", 1, 5.0)]
+
+
+def _step(spec: str, mode: str):
+    """Outputs, gradients and bytes saved for backward of one training step in ``mode``."""
+    torch.manual_seed(0)
+    model = build_model(resolve_spec(parse_method_specs(spec)[0]), create_backbone("swin_embedded"), TASKS).train()
+    model.activation_checkpoint = mode
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    torch.manual_seed(5)  # the dropout masks of the step
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    sum((o * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum() for o in out.values()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {k: v.detach() for k, v in out.items()}, grads, sum(saved.values())
+
+
+@pytest.mark.parametrize("spec,mode", [("mtlora", "task"), ("tadformer", "task"), ("tadformer_official", "all"),
+                                       ("tdss", "all"), ("vpt_deep", "task")])
+def test_checkpointed_step_equals_plain_step(spec, mode):
+    out0, g0, saved0 = _step(spec, "none")
+    out1, g1, saved1 = _step(spec, mode)
+    for k in out0:
+        assert torch.equal(out0[k], out1[k]), k
+    assert g0.keys() == g1.keys() and len(g0) > 0
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], rtol=1e-5, atol=1e-7), (n, (g0[n] - g1[n]).abs().max().item())
+    assert saved1 < saved0  # the checkpointed blocks keep only their inputs
+
+
+def test_task_mode_checkpoints_only_the_blocks_with_several_streams():
+    _, _, saved_none = _step("mtlora", "none")
+    _, _, saved_task = _step("mtlora", "task")
+    _, _, saved_all = _step("mtlora", "all")
+    assert saved_all < saved_task < saved_none
+    _, _, shared_none = _step("lora", "none")  # one stream everywhere: nothing to checkpoint in "task" mode
+    _, _, shared_task = _step("lora", "task")
+    assert shared_task == shared_none
+
+
+def test_eval_and_no_grad_never_checkpoint():
+    torch.manual_seed(0)
+    model = build_model(resolve_spec(parse_method_specs("mtlora")[0]), create_backbone("swin_embedded"), TASKS)
+    model.eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        model.activation_checkpoint = "all"
+        out = model(x)
+    assert all(torch.equal(ref[k], out[k]) for k in ref)
+
+
+@pytest.mark.parametrize("cmd", [["run", "--methods", "mtlora", "--activation-checkpoint", "sometimes"],
+                                 ["profile", "--methods", "mtlora", "--activation-checkpoint", "sometimes"]])
+def test_bad_mode_is_one_line_error(cmd, tmp_path):
+    entry = Path(sys.executable).parent / "mtbench"  # the installed entry point, as a user types it
+    res = subprocess.run([str(entry), *cmd, "--results-dir", str(tmp_path)], capture_output=True, text=True)
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert lines == ["error: unknown --activation-checkpoint 'sometimes'; valid: none, task, all"], res.stderr
