@@ -439,7 +439,7 @@ def attention(
                                help="result file of a trained method with task prompts"),
     n: int = typer.Option(4, help="number of test images"),
     stage: int = typer.Option(0, help="backbone stage whose last block's maps are drawn (0 = finest)"),
-    out: str = typer.Option("", help="output PNG (default reports/attention_{method}_{variant}_stage{S}.png)"),
+    out: str = typer.Option("", help="output PNG (default reports/attention_{method}_{key}_stage{S}.png)"),
     data_root: Optional[str] = typer.Option(None, help="the dataset's directory, as for `run` (default: the "
                                             "synthetic cache, or $MTBENCH_DATA/<dir> for the real datasets)"),
 ) -> None:
@@ -457,7 +457,7 @@ def attention(
     model, res = load_trained(result)
     test = build_dataset(res.run.dataset, "test", root=data_root, tasks=res.run.tasks)
     images = torch.stack([test[i]["image"] for i in range(min(n, len(test)))])
-    path = out or f"reports/attention_{res.run.method}_{res.run.variant}_stage{stage}.png"
+    path = out or f"reports/attention_{res.run.method}_{res.run.key}_stage{stage}.png"
     attention_figure(model, images, path, stage=stage, title=f"{res.run.label}: task attention maps, stage {stage}")
     console.print(f"wrote {path}")
 
@@ -551,7 +551,7 @@ def profile(
                                           "tasks, write a CSV and a plot"),
     max_tasks: int = typer.Option(8, help="largest T of --scaling tasks"),
     results_dir: str = typer.Option("results", help="profiles go beside the results: "
-                                    "{results_dir}/{dataset}/{method}/{variant}/profile_{device}.json"),
+                                    "{results_dir}/{dataset}/{method}/{key}/profile_{device}.json"),
     out_dir: str = typer.Option("reports", help="where --scaling writes its CSV and figure"),
     memory: bool = typer.Option(True, help="measure peak memory (one fresh process per method and mode)"),
     activation_checkpoint: str = typer.Option("none", help=_ACTIVATION_HELP + "; profiles are written as "
@@ -647,7 +647,7 @@ def profile(
             console.print(f"  fvcore vs torch differ by {100 * fi['rel_diff']:+.2f}% (> 2%): {escape(diff)}")
         else:
             console.print(f"  fvcore and torch agree within 2% ({100 * fi['rel_diff']:+.2f}%)")
-        path = profile_path(results_dir, dataset, p["method"], p["variant"], dev.type,
+        path = profile_path(results_dir, dataset, p["method"], p["key"], dev.type,
                             activation_checkpoint=activation_checkpoint)
         write_profile(p, path)
         console.print(f"  wrote {path}")

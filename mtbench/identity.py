@@ -121,7 +121,7 @@ class RunIdentity(BaseModel):
                         out.append((tok, _fmt(self.overrides[field])))
         return out
 
-    def variant_key(self) -> str:
+    def method_key(self) -> str:
         """``default``, or the variant name and option departures joined by ``_`` (``mtlora_plus_r=32``)."""
         parts = [] if self.variant == "default" else [self.variant]
         parts += [f"{k}={v}" for k, v in sorted(self.option_departures.items())]
@@ -129,7 +129,7 @@ class RunIdentity(BaseModel):
 
     def path_key(self) -> str:
         """The directory name of this identity under ``{dataset}/{method}/`` (see the module docstring)."""
-        key = "_".join([self.variant_key()] + [f"{t}={_safe(v)}" for t, v in self.departures()])
+        key = "_".join([self.method_key()] + [f"{t}={_safe(v)}" for t, v in self.departures()])
         if len(key) > MAX_KEY:
             key = key[:MAX_KEY - 10] + "_" + self.digest()
         return key

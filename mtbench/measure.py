@@ -673,7 +673,7 @@ def profile_methods(specs: Sequence[str], dataset: str = "pascal_context", *, ba
         w.optimizer.zero_grad(set_to_none=True)
         pb = count_params(w.model)
         profiles.append({
-            "schema": "mtbench.profile/1", "method": w.resolved.name, "variant": w.resolved.variant_key,
+            "schema": "mtbench.profile/1", "method": w.resolved.name, "key": w.resolved.method_key,
             "label": w.label, "options": w.resolved.config.to_dict(), "dataset": dataset,
             "tasks": [t.name for t in w.tasks], "input_size": list(w.img_size), "batch_size": batch_size,
             "precision": "float32", "activation_checkpoint": activation_checkpoint,

@@ -130,7 +130,8 @@ def resolve(name: str) -> tuple[MethodInfo, str, dict[str, Any]]:
 
 @dataclass
 class ResolvedMethod:
-    """A method spec checked against the registry: info, variant, typed config and the run's variant key."""
+    """A method spec checked against the registry: info, variant (``default`` or a registered variant name), typed
+    config and the method part of the result key."""
 
     info: MethodInfo
     variant: str
@@ -142,7 +143,7 @@ class ResolvedMethod:
         return self.info.name
 
     @property
-    def variant_key(self) -> str:
+    def method_key(self) -> str:
         """Directory name of this configuration in the result store: the variant plus non-preset options."""
         parts = [] if self.variant == "default" else [self.variant]
         parts += [f"{k}={v}" for k, v in sorted(self.spec.options.items())]

@@ -31,7 +31,7 @@ def column_title(task: str) -> str:
 
 
 def results_frame(results_dir: str | Path, dataset: str) -> pd.DataFrame:
-    """One row per result file: label, method, variant, seed, tasks, primary metrics, #TP.
+    """One row per result file: label, method, key (the result directory), seed, tasks, primary metrics, #TP.
 
     Raises:
         MtbenchError: no result files for the dataset.
@@ -39,7 +39,7 @@ def results_frame(results_dir: str | Path, dataset: str) -> pd.DataFrame:
     rows = []
     for path, r in load_results(results_dir, dataset):
         ident = identity_of(r)
-        row = {"label": ident.label(), "method": r.run.method, "variant": ident.path_key(), "seed": r.run.seed,
+        row = {"label": ident.label(), "method": r.run.method, "key": ident.path_key(), "seed": r.run.seed,
                "tasks": tuple(r.run.tasks), "tp": r.params["trainable"], "path": str(path), "identity": ident.key(),
                "setting": json.dumps(ident.setting(), sort_keys=True, default=str), "commit": r.run.git_commit,
                "dirty": bool(r.run.git_dirty),
@@ -64,8 +64,8 @@ def build_table(results_dir: str | Path, dataset: str) -> tuple[pd.DataFrame, st
     order = {m.name: i for i, m in enumerate(list_methods())}
     out_rows, warnings, stds = [], [], {}
     for _, g in df.groupby("identity", sort=False):
-        label, variant, tasks = g["label"].iloc[0], g["variant"].iloc[0], g["tasks"].iloc[0]
-        row = {"Method": label, "_order": (order.get(g["method"].iloc[0], 99), variant)}
+        label, key, tasks = g["label"].iloc[0], g["key"].iloc[0], g["tasks"].iloc[0]
+        row = {"Method": label, "_order": (order.get(g["method"].iloc[0], 99), key)}
         warnings += [(row["_order"], w) for w in row_warnings(label, g, ref_setting)]
         prim, sd = {}, {}
         for t in tasks:

@@ -1,4 +1,4 @@
-"""Result files: one immutable JSON per (dataset, method, variant, seed), with a typed schema.
+"""Result files: one immutable JSON per (dataset, method, key, seed), with a typed schema.
 
 Layout: ``results/{dataset}/{method}/{key}/seed{S}.json`` where ``key`` names the run's identity: ``default`` for
 the default everything, otherwise the variant, its non-default options and every other departure from the defaults
@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field
 
 from mtbench.errors import MtbenchError
 from mtbench.identity import RunIdentity
@@ -33,7 +33,9 @@ EXISTING_POLICIES = ("skip", "error", "overwrite")
 
 class RunInfo(BaseModel):
     method: str
-    variant: str = Field(description="the identity's path key (directory name)")
+    key: str = Field(validation_alias=AliasChoices("key", "variant"),
+                     description="the identity's path key (directory name); files written before issue 6's naming "
+                                 "pass call it 'variant', which now means only a registered variant")
     label: str
     options: dict[str, Any]
     dataset: str
@@ -87,18 +89,18 @@ class RunResult(BaseModel):
     env: dict[str, Any]
 
 
-def result_path(root: str | os.PathLike, dataset: str, method: str, variant: str, seed: int) -> Path:
-    return Path(root) / dataset / method / variant / f"seed{seed}.json"
+def result_path(root: str | os.PathLike, dataset: str, method: str, key: str, seed: int) -> Path:
+    return Path(root) / dataset / method / key / f"seed{seed}.json"
 
 
-def profile_path(root: str | os.PathLike, dataset: str, method: str, variant: str, device: str,
+def profile_path(root: str | os.PathLike, dataset: str, method: str, key: str, device: str,
                  activation_checkpoint: str = "none") -> Path:
     """Where ``mtbench profile`` writes a method's cost profile: beside its results,
-    ``{root}/{dataset}/{method}/{variant}/profile_{device}.json`` (``device`` = ``cpu`` or ``cuda``), or
+    ``{root}/{dataset}/{method}/{key}/profile_{device}.json`` (``device`` = ``cpu`` or ``cuda``), or
     ``profile_{device}_ckpt-{mode}.json`` when measured with ``--activation-checkpoint mode`` (tables and plots read
     the default profiles)."""
     suffix = "" if activation_checkpoint == "none" else f"_ckpt-{activation_checkpoint}"
-    return Path(root) / dataset / method / variant / f"profile_{device}{suffix}.json"
+    return Path(root) / dataset / method / key / f"profile_{device}{suffix}.json"
 
 
 def profile_for_result(result_file: str | os.PathLike, device: str | None = None) -> Path | None:

@@ -293,7 +293,7 @@ def run_one(req: RunRequest, tasks: list[TaskSpec], planned: PlannedRun, recipe:
     commit, dirty = git_info()
     rm = planned.method
     result = RunResult(
-        run=RunInfo(method=rm.name, variant=planned.path.parent.name,
+        run=RunInfo(method=rm.name, key=planned.path.parent.name,
                     label=planned.identity.label() if planned.identity else rm.label, options=rm.config.to_dict(),
                     dataset=req.dataset, tasks=[t.name for t in tasks], seed=seed, backbone=backbone_name,
                     init=str(init), preset=req.preset, created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -220,7 +220,7 @@ def test_config_validation_errors():
         resolve_tasks("synthetic", ["semseg", "depthh"])
     rm = resolve_spec(MethodSpec("mtlora_plus", {"r": "32"}))
     assert rm.config.plus is True and rm.config.r == 32
-    assert rm.variant_key == "mtlora_plus_r=32"
+    assert rm.method_key == "mtlora_plus_r=32"
 
 
 def test_config_bounds_are_declared_once_and_listed():

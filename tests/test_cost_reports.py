@@ -131,7 +131,7 @@ def test_measured_row_shows_reported_twin_in_its_own_columns(tmp_path):
     (["profile", "--methods", "lora", "--rounds", "0"], "--rounds must be >= 1, got 0"),
     (["profile", "--methods", "lora", "--device", "tpu"], "unknown device 'tpu'"),
     (["profile", "--methods", "lora", "--scaling", "width"], "unknown --scaling 'width'"),
-    (["profile", "--methods", "lora:r=0"], "r=0"),
+    (["profile", "--methods", "lora:r=0"], "lora: r must be > 0, got 0"),
     (["profile", "--methods", "lora", "--compare-to", "mtl_full"], "--compare-to 'mtl_full' is not among"),
     (["plot", "--x", "flops"], "unknown --x 'flops'"),
     (["table", "--kind", "speed"], "unknown --kind 'speed'"),
