@@ -79,6 +79,7 @@ def test_reference_results_keep_working_with_reconstructed_identity():
     assert loaded
     for path, result in loaded:
         assert result.identity is not None and result.identity.path_key() == path.parent.name, path
+        assert result.run.key == path.parent.name, path  # stored as "variant" by files older than the naming pass
         legacy = json.loads(path.read_text())
         legacy.pop("identity")
         ident = identity_of(RunResult.model_validate(legacy))
@@ -86,6 +87,13 @@ def test_reference_results_keep_working_with_reconstructed_identity():
         assert ident.label() == result.identity.label(), path
     random = [identity_of(r) for p, r in loaded if p.parent.name == "default_init=random"]
     assert random and random[0].label() == "decoder_only [random init]" and random[0].weights == "random"
+
+
+def test_result_files_store_the_directory_name_as_key():
+    data = json.loads((REPO / "results/reference/synthetic/lora/default/seed0.json").read_text())
+    data["run"]["key"] = data["run"].pop("variant", "default")
+    result = RunResult.model_validate(data)
+    assert result.run.key == "default" and "variant" not in json.loads(result.model_dump_json())["run"]
 
 
 def test_reconstruction_reads_train_size_from_the_recorded_command():
