@@ -39,6 +39,24 @@ class _WindowAttnBlock(nn.Module):
         return self.attn.proj(window_attention(self.attn, windows, None).values)
 
 
+
+@pytest.mark.parametrize("groups,transposed", [(1, False), (8, False), (64, False), (4, True)])
+def test_train_step_flops_of_grouped_convolutions_hand_computed(groups, transposed):
+    """Forward 2·B·H·W·C_out·(C_in/groups)·k²; backward: input gradient and weight gradient cost the same each.
+    torch's own formula counts a grouped conv's weight gradient as dense (``groups`` times too much)."""
+    B, C, H, W, k = 2, 64, 20, 24, 3
+    x = torch.randn(B, C, H, W, requires_grad=True)
+    w = torch.randn(C, C // groups, k, k, requires_grad=True)
+    conv = nn.functional.conv_transpose2d if transposed else nn.functional.conv2d
+    total, by_op = measure.count_train_step_flops(lambda: conv(x, w, padding=1, groups=groups).sum().backward())
+    forward = 2 * B * H * W * C * (C // groups) * k * k
+    assert by_op["aten.convolution"] == forward
+    assert by_op["aten.convolution_backward"] == 2 * forward
+    x.grad = w.grad = None
+    w.requires_grad_(False)  # input gradient only
+    _, by_op = measure.count_train_step_flops(lambda: conv(x, w, padding=1, groups=groups).sum().backward())
+    assert by_op["aten.convolution_backward"] == forward
+
 def test_window_attention_block_flops_include_attention_matmuls():
     B_, ws, C, heads = 3, 4, 8, 2
     N = ws * ws
