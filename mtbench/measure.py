@@ -220,6 +220,9 @@ def count_flops(model: nn.Module, inputs: torch.Tensor | tuple, *, train: bool =
     and is the cross-check: where the two totals differ by more than :data:`FLOP_TOLERANCE`, the operator families
     that differ are listed in :attr:`FlopCount.mismatch` (typically norms and upsampling, which only fvcore counts).
 
+    The model runs once untimed before it is counted, so that weights a method derives from its parameters once
+    per evaluation and caches (DiTASK's warped weights) are counted as evaluation uses them: built, not rebuilt.
+
     Args:
         model: any module; a ``dict`` output is turned into a tuple for tracing.
         inputs: one tensor (e.g. an image ``[1,3,H,W]``) or a tuple of positional inputs.
@@ -240,6 +243,8 @@ def count_flops(model: nn.Module, inputs: torch.Tensor | tuple, *, train: bool =
     try:
         for p, _ in flags:  # forward only: no autograd graph (torch's module tracker needs none)
             p.requires_grad_(False)
+        with torch.no_grad():  # untimed call: what a method derives from its weights once per evaluation
+            model(*inputs)     # (DiTASK's warped weights) is ready, as when evaluation runs the model
         fa = FlopCountAnalysis(_TupleOutput(model), inputs)
         fa.set_op_handle(**EXTRA_FLOP_HANDLES)  # attention (sdpa_macs) and grid_sample
         fa.unsupported_ops_warnings(False)
@@ -642,8 +647,9 @@ def profile_methods(specs: Sequence[str], dataset: str = "pascal_context", *, ba
     FLOPs: :func:`count_flops` of one image (eval mode), plus :func:`count_train_step_flops` (forward, losses and
     backward of one image; torch's counter only). Memory: :func:`measure_memory_isolated` (one fresh process per
     method) for inference and a training step. Latency: all methods are built in this process and timed round-robin
-    (``rounds`` rounds; in each round every method runs one inference at batch 1 and one training step at
-    ``batch_size``), after ``warmup`` untimed calls of each; ratios to ``compare_to`` are taken per round.
+    (``rounds`` rounds; in each round every method runs one inference at batch 1, after one untimed call so that
+    weights derived once per evaluation are ready as in evaluation, and one training step at ``batch_size``),
+    after ``warmup`` untimed calls of each; ratios to ``compare_to`` are taken per round.
 
     Args:
         specs: ``--methods`` items, e.g. ``["mtl_full", "mtlora:r=32"]``.
@@ -733,6 +739,7 @@ def profile_methods(specs: Sequence[str], dataset: str = "pascal_context", *, ba
     for r in range(rounds):
         for w in works:
             with merged_lora(w.model):  # inference as evaluation runs it: shared LoRA folded in (untimed merge)
+                w.infer()  # untimed: weights derived once per evaluation (DiTASK) are built after the last step
                 inf_ms[w.label].append(time_once(w.infer, sync))
             tr_ms[w.label].append(time_once(w.train_step, sync))
         log(f"round {r + 1}/{rounds} done")
@@ -743,8 +750,9 @@ def profile_methods(specs: Sequence[str], dataset: str = "pascal_context", *, ba
         prof["latency"] = {"inference_batch1": asdict(inf), "train_step": asdict(tr), "warmup": warmup,
                            "rounds": rounds, "samples_ms": {"inference": inf_ms[w.label], "train": tr_ms[w.label]},
                            "what": "wall time with device synchronisation before and after each call; inference "
-                                   "= one eval-mode forward at batch 1 under no_grad; train = one step (forward, "
-                                   "losses, backward, clip, AdamW) at batch_size; items_per_s = images/s"}
+                                   "= one eval-mode forward at batch 1 under no_grad, after one untimed call; train "
+                                   "= one step (forward, losses, backward, clip, AdamW) at batch_size; items_per_s "
+                                   "= images/s"}
         if compare_to is not None:
             ref = compare_to
             prof["ratios"] = {"reference": ref,

@@ -57,6 +57,21 @@ def test_train_step_flops_of_grouped_convolutions_hand_computed(groups, transpos
     _, by_op = measure.count_train_step_flops(lambda: conv(x, w, padding=1, groups=groups).sum().backward())
     assert by_op["aten.convolution_backward"] == forward
 
+
+def test_flops_count_derived_weights_as_evaluation_uses_them():
+    """DiTASK builds its warped weights once per evaluation and caches them; count_flops runs the model once before
+    counting, so neither fvcore's trace nor torch's counter includes the rebuild (before, fvcore counted it and the
+    two disagreed by an order of magnitude), and the count does not depend on what ran before."""
+    from mtbench.measure import FLOP_TOLERANCE, Workload
+
+    w = Workload("ditask", "synthetic", 2, "cpu")
+    first = count_flops(w.model, w.image1)
+    w.train_step()  # changes theta: the cache is stale
+    second = count_flops(w.model, w.image1)
+    assert first.macs == second.macs and abs(first.rel_diff) <= FLOP_TOLERANCE
+    plain = count_flops(Workload("mtl_full", "synthetic", 2, "cpu").model, w.image1)
+    assert first.macs < 2.5 * plain.macs  # the rebuild alone was 1.15 GMACs against 0.05 GMACs of the network
+
 def test_window_attention_block_flops_include_attention_matmuls():
     B_, ws, C, heads = 3, 4, 8, 2
     N = ws * ws
