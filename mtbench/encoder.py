@@ -342,6 +342,23 @@ def _checkpointed(model: nn.Module, layout: StreamLayout, split: bool) -> bool:
     return mode == "all" or split or layout.size > 1
 
 
+def _context_factory(stage: int, index: int, depth: int, block, layout: StreamLayout, model, state: dict,
+                     aux: dict) -> Callable:
+    """Contexts of one block: the first call gets the live model state and auxiliary losses; later calls (a
+    checkpoint's recomputation in backward) get a copy of the state as the block first saw it, and write aside."""
+    before = dict(state)
+    calls = 0
+
+    def make(prompts):
+        nonlocal calls
+        calls += 1
+        first = calls == 1
+        return BlockContext(stage, index, depth, block, layout, model, prompts, state=state if first else dict(before),
+                            aux_losses=aux if first else {})
+
+    return make
+
+
 def _block_step(block, x, prompts, make_ctx: Callable, exts, split: bool, out: list):
     """One block from a fresh context (so that a checkpoint's recomputation starts from the same state); the
     context is left in ``out``."""
@@ -406,13 +423,7 @@ def encode(model: nn.Module, images: torch.Tensor) -> tuple[dict[str, list[torch
                     x = checkpoint(block, x, use_reentrant=False) if ckpt else block(x)
                 continue
 
-            def make_ctx(p, i=i, j=j, depth=depth, block=block, layout=layout, before=dict(state), calls=[0]):
-                # a checkpoint's recomputation sees the model state as the block first saw it, and writes aside
-                calls[0] += 1
-                first = calls[0] == 1
-                return BlockContext(i, j, depth, block, layout, model, p, state=state if first else dict(before),
-                                    aux_losses=aux if first else {})
-
+            make_ctx = _context_factory(i, j, depth, block, layout, model, state, aux)
             out: list[BlockContext] = []
             args = (block, x, prompts, make_ctx, exts, split, out)
             x, prompts = checkpoint(_block_step, *args, use_reentrant=False) if ckpt else _block_step(*args)

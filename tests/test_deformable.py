@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 
 from mtbench.deformable import MSDeformAttn, grid_reference_points, ms_deform_attn_sample
