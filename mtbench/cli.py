@@ -577,11 +577,9 @@ def profile(
         raise MtbenchError(f"unknown --scaling {scaling!r}; valid: tasks")
     if max_tasks < 1:
         raise MtbenchError(f"--max-tasks must be >= 1, got {max_tasks}")
-    from mtbench.encoder import ACTIVATION_CHECKPOINT
+    from mtbench.encoder import check_activation_checkpoint
 
-    if activation_checkpoint not in ACTIVATION_CHECKPOINT:
-        raise MtbenchError(f"unknown --activation-checkpoint {activation_checkpoint!r}; valid: "
-                           f"{', '.join(ACTIVATION_CHECKPOINT)}")
+    check_activation_checkpoint(activation_checkpoint)
     parsed = parse_method_specs(methods)
     specs = [s.label() for s in parsed]
     labels = [resolve_spec(s).label for s in parsed]  # validates every name and option before anything is built

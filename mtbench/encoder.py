@@ -333,10 +333,19 @@ def run_block(block: nn.Module, x: torch.Tensor, ctx: BlockContext, extensions: 
 ACTIVATION_CHECKPOINT = ("none", "task", "all")
 
 
-def _checkpointed(model: nn.Module, layout: StreamLayout, split: bool) -> bool:
-    mode = getattr(model, "activation_checkpoint", "none")
+def check_activation_checkpoint(mode: str) -> str:
+    """``mode`` when it is one of :data:`ACTIVATION_CHECKPOINT`.
+
+    Raises:
+        MtbenchError: any other value, naming it and the choices.
+    """
     if mode not in ACTIVATION_CHECKPOINT:
         raise MtbenchError(f"unknown --activation-checkpoint {mode!r}; valid: {', '.join(ACTIVATION_CHECKPOINT)}")
+    return mode
+
+
+def _checkpointed(model: nn.Module, layout: StreamLayout, split: bool) -> bool:
+    mode = check_activation_checkpoint(getattr(model, "activation_checkpoint", "none"))
     if mode == "none" or not (model.training and torch.is_grad_enabled()):
         return False
     return mode == "all" or split or layout.size > 1

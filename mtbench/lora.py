@@ -45,7 +45,7 @@ class LoRADropout(nn.Module):
     ``13/256`` for 0.05). The integers come from NumPy's PCG64 (two per 64-bit word, 3.7x faster than torch's
     Mersenne Twister ``randint`` on this CPU), seeded for every mask by one draw from torch's generator, so
     ``torch.manual_seed`` and the checkpointed torch RNG state still fix every mask. The mask stays boolean (no
-    float copy); kept values are scaled by ``1 / (1 - p)``.
+    float copy); kept values are scaled by ``1 / (1 - p)``. ``p = 0`` is the identity and draws nothing.
 
     Shapes: any; output shape = input shape.
     """
@@ -142,7 +142,7 @@ class LoRALinear(WrappedLinear):
         self.r = int(r)
         self.scale = float(scale)
         self.task_scale = float(scale if task_scale is None else task_scale)
-        self.lora_dropout = LoRADropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout = LoRADropout(dropout)  # p = 0: the identity, and no random draw
         if self.r > 0:
             self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features))
             self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r))
@@ -193,7 +193,7 @@ class LoRALinear(WrappedLinear):
         out = self.base(x) if out is None else out
         if self.r == 0:
             return out
-        d, c = self.lora_dropout.unscaled(x) if isinstance(self.lora_dropout, LoRADropout) else (x, 1.0)
+        d, c = self.lora_dropout.unscaled(x)
         z = d.reshape(-1, self.in_features) @ self.lora_A.t()
         out2 = torch.addmm(out.reshape(-1, self.out_features), z, self.lora_B.t(), alpha=self.scale * c)
         return out2.view(out.shape)
@@ -257,7 +257,7 @@ class LoRALinear(WrappedLinear):
         """
         T, n = len(tasks), xs.numel() // self.in_features
         base = self.base(xs)
-        d, c = self.lora_dropout.unscaled(xs) if isinstance(self.lora_dropout, LoRADropout) else (xs, 1.0)
+        d, c = self.lora_dropout.unscaled(xs)
         z_shared = (d.reshape(n, self.in_features) @ self.lora_A.t()) * (self.scale * c)
         z_tasks, up_tasks = self._task_factors(xt, tasks)
         z_tasks = z_tasks * self.task_scale

@@ -423,7 +423,7 @@ class Workload:
         activation_checkpoint: :data:`mtbench.encoder.ACTIVATION_CHECKPOINT` mode of the training step.
 
     Raises:
-        MtbenchError: unknown method, option or dataset.
+        MtbenchError: unknown method, option, dataset or activation-checkpoint mode.
     """
 
     def __init__(self, spec: str, dataset: str, batch_size: int, device, tasks=None, seed: int = 0,
@@ -436,6 +436,7 @@ class Workload:
         from mtbench.swin import create_backbone
         from mtbench.tasks import TaskSpec, resolve_tasks
         from mtbench.datasets import resolve_recipe
+        from mtbench.encoder import check_activation_checkpoint
         from mtbench.train import build_optimizer
 
         if dataset not in DATASET_BACKBONE:
@@ -450,7 +451,7 @@ class Workload:
         self.batch_size = batch_size
         torch.manual_seed(seed)
         self.model = build_model(self.resolved, create_backbone(DATASET_BACKBONE[dataset]), self.tasks).to(self.device)
-        self.model.activation_checkpoint = activation_checkpoint
+        self.model.activation_checkpoint = check_activation_checkpoint(activation_checkpoint)
         self.img_size = tuple(self.model.img_size)
         g = torch.Generator().manual_seed(seed)
         self.image1 = torch.randn(1, 3, *self.img_size, generator=g).to(self.device)

@@ -20,7 +20,7 @@ import torch
 from mtbench.config import parse_method_specs
 from mtbench.cpu import APPLIED as CPU_SETTINGS, configure_cpu
 from mtbench.decoders import resolve_decoder
-from mtbench.encoder import ACTIVATION_CHECKPOINT
+from mtbench.encoder import check_activation_checkpoint
 from mtbench.errors import MtbenchError
 from mtbench.identity import RunIdentity, make_identity
 from mtbench.measure import count_params
@@ -146,9 +146,7 @@ def plan(req: RunRequest) -> tuple[list[TaskSpec], list[PlannedRun], TrainConfig
     if req.existing not in EXISTING_POLICIES:
         raise MtbenchError(f"unknown --existing {req.existing!r}; valid: {', '.join(EXISTING_POLICIES)}")
     spec = get_dataset(req.dataset)
-    if req.activation_checkpoint not in ACTIVATION_CHECKPOINT:
-        raise MtbenchError(f"unknown --activation-checkpoint {req.activation_checkpoint!r}; valid: "
-                           f"{', '.join(ACTIVATION_CHECKPOINT)}")
+    check_activation_checkpoint(req.activation_checkpoint)
     if req.eval_resolution not in EVAL_RESOLUTIONS:
         raise MtbenchError(f"unknown --eval-resolution {req.eval_resolution!r}; valid: {', '.join(EVAL_RESOLUTIONS)}")
     if req.eval_resolution == "original" and spec.data_dir is None:
