@@ -289,23 +289,26 @@ def conv_backward_flops(grad_out_shape, x_shape, w_shape, bias, stride, padding,
     return input_part + (total - input_part) // groups
 
 
-def count_train_step_flops(step: Callable[[], Any]) -> tuple[int, dict[str, int]]:
-    """FLOPs of one training step (forward + backward; the optimizer update is elementwise and not counted) by
-    torch's ``FlopCounterMode``, with :func:`conv_backward_flops` for grouped convolutions. fvcore traces forward
-    graphs only, so this count has no fvcore twin.
+def count_train_step_flops(forward: Callable[[], torch.Tensor]) -> tuple[int, int, dict[str, int]]:
+    """FLOPs of one training step (forward, loss and backward; the optimizer update is elementwise and not
+    counted) by torch's ``FlopCounterMode``, with :func:`conv_backward_flops` for grouped convolutions. fvcore
+    traces forward graphs only, so this count has no fvcore twin.
 
     Args:
-        step: runs forward and ``backward()`` once.
+        forward: runs the forward pass and returns the scalar loss; this function calls ``backward()`` on it.
 
     Returns:
-        ``(total FLOPs, FLOPs per aten operator)``.
+        ``(total FLOPs, forward FLOPs (loss included), FLOPs per aten operator over the whole step)``.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
     corrected = {torch.ops.aten.convolution_backward: conv_backward_flops}
     with FlopCounterMode(display=False, custom_mapping=corrected) as fc:
-        step()
-    return int(fc.get_total_flops()), {str(k): int(v) for k, v in fc.get_flop_counts().get("Global", {}).items() if v}
+        loss = forward()
+        fwd = int(fc.get_total_flops())
+        loss.backward()
+    return (int(fc.get_total_flops()), fwd,
+            {str(k): int(v) for k, v in fc.get_flop_counts().get("Global", {}).items() if v})
 
 
 # ------------------------------------------------------------------------------------------------------ timing
@@ -472,14 +475,25 @@ class Workload:
 
     @torch.no_grad()
     def infer(self) -> None:
-        """One forward pass at batch 1 in eval mode."""
+        """One forward pass at batch 1 in eval mode (as evaluated: call it inside :meth:`evaluated`)."""
         self.model.eval()
         self.model(self.image1)
 
-    def forward_backward(self, images: torch.Tensor | None = None) -> None:
+    def evaluated(self):
+        """Context manager: the model as evaluation runs it, the shared LoRA folded into the frozen weights
+        (:func:`mtbench.lora.merged_lora`; restored exactly on exit). Inference FLOPs, inference memory and inference
+        latency are all measured inside it. Yields the number of merged layers."""
+        from mtbench.lora import merged_lora
+
+        return merged_lora(self.model)
+
+    def forward_loss(self, images: torch.Tensor | None = None) -> torch.Tensor:
+        """Training-mode forward and the weighted sum of the tasks' losses (scalar)."""
         self.model.train()
-        preds = self.model(self.images if images is None else images)
-        self.loss(preds).backward()
+        return self.loss(self.model(self.images if images is None else images))
+
+    def forward_backward(self, images: torch.Tensor | None = None) -> None:
+        self.forward_loss(images).backward()
 
     def train_step(self) -> None:
         """One training step as ``mtbench.train.fit`` takes it (fp32): forward, loss, backward, clip, AdamW."""
@@ -568,7 +582,11 @@ def _memory_child(spec: str, dataset: str, batch_size: int, device: str, modes: 
     out = {}
     for mode in modes:
         gc.collect()
-        out[mode] = peak_memory(w.infer if mode == "inference" else w.train_step, w.device)
+        if mode == "inference":
+            with w.evaluated():
+                out[mode] = peak_memory(w.infer, w.device)
+        else:
+            out[mode] = peak_memory(w.train_step, w.device)
     return out
 
 
@@ -645,6 +663,10 @@ def profile_methods(specs: Sequence[str], dataset: str = "pascal_context", *, ba
                     log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Profile methods in a dataset's setting: FLOPs, peak memory, latency, and ratios to a reference method.
 
+    Inference (FLOPs, memory and latency) is measured as evaluation runs the model, inside
+    :meth:`Workload.evaluated` (the shared LoRA folded into the frozen weights; ``merged_lora_layers`` in the FLOPs
+    record says how many layers were merged); the training step runs unmerged.
+
     FLOPs: :func:`count_flops` of one image (eval mode), plus :func:`count_train_step_flops` (forward, losses and
     backward of one image; torch's counter only). Memory: :func:`measure_memory_isolated` (one fresh process per
     method) for inference and a training step. Latency: all methods are built in this process and timed round-robin
@@ -694,12 +716,12 @@ def profile_methods(specs: Sequence[str], dataset: str = "pascal_context", *, ba
     profiles: list[dict[str, Any]] = []
     for w in works:
         log(f"FLOPs: {w.label}")
-        fl_inf = count_flops(w.model, w.image1, train=False)
+        with w.evaluated() as merged:
+            fl_inf = count_flops(w.model, w.image1, train=False)
         w.optimizer.zero_grad(set_to_none=True)
         saved_targets = w.targets
         w.targets = {k: v[:1] for k, v in saved_targets.items()}
-        step_flops, step_by_op = count_train_step_flops(lambda: w.forward_backward(w.image1))
-        fwd_flops = fl_inf.torch_flops  # torch counts no operator that differs between train and eval mode
+        step_flops, fwd_flops, step_by_op = count_train_step_flops(lambda: w.forward_loss(w.image1))
         w.targets = saved_targets
         w.optimizer.zero_grad(set_to_none=True)
         pb = count_params(w.model)
@@ -711,15 +733,14 @@ def profile_methods(specs: Sequence[str], dataset: str = "pascal_context", *, ba
             "params": {"trainable": pb.trainable, "total": pb.total},
             "flops": {"unit_note": "fvcore counts multiply-accumulates (GMACs); GFLOPs = 2 x GMACs; torch's "
                                    "FlopCounterMode counts FLOPs; all per image (batch 1)",
-                      "inference": fl_inf.to_dict(),
+                      "inference": {**fl_inf.to_dict(), "merged_lora_layers": merged},
                       "train_step": {"torch_gflops": step_flops / 1e9, "forward_torch_gflops": fwd_flops / 1e9,
                                      "backward_torch_gflops": (step_flops - fwd_flops) / 1e9,
                                      "torch_by_operator": step_by_op,
-                                     "what": "torch FlopCounterMode over forward (train mode) + losses + "
-                                             "backward of one image; forward = the inference count (the operators "
-                                             "torch counts are the same in both modes); the AdamW update is "
-                                             "elementwise and not counted; fvcore traces forward graphs only, so "
-                                             "it has no twin here"}},
+                                     "what": "torch FlopCounterMode over forward (train mode, LoRA unmerged) + "
+                                             "losses + backward of one image; forward = up to the loss; the AdamW "
+                                             "update is elementwise and not counted; fvcore traces forward graphs "
+                                             "only, so it has no twin here"}},
         })
     if memory:
         for w, prof in zip(works, profiles):
@@ -735,11 +756,9 @@ def profile_methods(specs: Sequence[str], dataset: str = "pascal_context", *, ba
     sync()
     inf_ms = {w.label: [] for w in works}
     tr_ms = {w.label: [] for w in works}
-    from mtbench.lora import merged_lora
-
     for r in range(rounds):
         for w in works:
-            with merged_lora(w.model):  # inference as evaluation runs it: shared LoRA folded in (untimed merge)
+            with w.evaluated():  # inference as evaluation runs it: shared LoRA folded in (untimed merge)
                 w.infer()  # untimed: weights derived once per evaluation (DiTASK) are built after the last step
                 inf_ms[w.label].append(time_once(w.infer, sync))
             tr_ms[w.label].append(time_once(w.train_step, sync))

@@ -48,14 +48,34 @@ def test_train_step_flops_of_grouped_convolutions_hand_computed(groups, transpos
     x = torch.randn(B, C, H, W, requires_grad=True)
     w = torch.randn(C, C // groups, k, k, requires_grad=True)
     conv = nn.functional.conv_transpose2d if transposed else nn.functional.conv2d
-    total, by_op = measure.count_train_step_flops(lambda: conv(x, w, padding=1, groups=groups).sum().backward())
+    total, fwd, by_op = measure.count_train_step_flops(lambda: conv(x, w, padding=1, groups=groups).sum())
     forward = 2 * B * H * W * C * (C // groups) * k * k
     assert by_op["aten.convolution"] == forward
     assert by_op["aten.convolution_backward"] == 2 * forward
+    assert fwd == forward  # the forward count stops before backward (sum() counts no FLOPs)
+    assert total == 3 * forward
     x.grad = w.grad = None
     w.requires_grad_(False)  # input gradient only
-    _, by_op = measure.count_train_step_flops(lambda: conv(x, w, padding=1, groups=groups).sum().backward())
+    _, _, by_op = measure.count_train_step_flops(lambda: conv(x, w, padding=1, groups=groups).sum())
     assert by_op["aten.convolution_backward"] == forward
+
+
+def test_profile_counts_inference_as_evaluated_and_the_train_step_unmerged():
+    """Inference FLOPs are counted with the shared LoRA merged, as evaluation and the timed inference run the model:
+    LoRA then costs exactly mtl_full's MACs. The training step runs unmerged, so its forward counts the LoRA
+    matmuls on top, and the frozen weights get no weight gradient."""
+    from mtbench.lora import LoRALinear
+    from mtbench.measure import Workload, profile_methods
+
+    full, lora = profile_methods(["mtl_full", "lora"], "synthetic", batch_size=2, rounds=1, warmup=0, memory=False)
+    inf_full, inf_lora = full["flops"]["inference"], lora["flops"]["inference"]
+    n_lora = sum(isinstance(m, LoRALinear) for m in Workload("lora", "synthetic", 2, "cpu").model.modules())
+    assert inf_full["merged_lora_layers"] == 0 and inf_lora["merged_lora_layers"] == n_lora > 0
+    assert inf_lora["macs"] == inf_full["macs"]
+    st_full, st_lora = full["flops"]["train_step"], lora["flops"]["train_step"]
+    assert st_full["forward_torch_gflops"] == pytest.approx(inf_full["torch_gflops"], rel=1e-9)
+    assert st_lora["forward_torch_gflops"] > inf_lora["torch_gflops"]
+    assert st_lora["backward_torch_gflops"] < st_full["backward_torch_gflops"]
 
 
 def test_flops_count_derived_weights_as_evaluation_uses_them():
