@@ -333,6 +333,17 @@ def time_once(fn: Callable[[], Any], sync: Callable[[], None]) -> float:
     return (_time.perf_counter() - t0) * 1e3
 
 
+def minor_faults() -> int | None:
+    """Minor page faults of this process so far (``getrusage``), or None where the ``resource`` module is missing
+    (Windows). On CPU a timed call that faults in fresh pages (a heap still growing) is slower for reasons that
+    are not the method's; :func:`profile_methods` records the faults of every timed call beside its time."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 @dataclass
 class LatencyStats:
     """Summary of timed iterations, in milliseconds: median, 10th and 90th percentile, count, and items/s at the
@@ -657,7 +668,7 @@ def environment_info(device: torch.device) -> dict[str, Any]:
 
 
 def profile_methods(specs: Sequence[str], dataset: str = "pascal_context", *, batch_size: int = 2,
-                    device: str | torch.device = "cpu", rounds: int = 3, warmup: int = 1,
+                    device: str | torch.device = "cpu", rounds: int = 3, warmup: int = 2,
                     compare_to: str | None = None, tasks=None, memory: bool = True,
                     activation_checkpoint: str = "none",
                     log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
@@ -751,17 +762,26 @@ def profile_methods(specs: Sequence[str], dataset: str = "pascal_context", *, ba
     log(f"latency: {warmup} warm-up + {rounds} round-robin rounds")
     for w in works:
         for _ in range(warmup):
-            w.infer()
+            with w.evaluated():
+                w.infer()
             w.train_step()
     sync()
     inf_ms = {w.label: [] for w in works}
     tr_ms = {w.label: [] for w in works}
+    faults: dict[str, dict[str, list]] = {w.label: {"inference": [], "train": []} for w in works}
+
+    def timed(fn, label: str, kind: str) -> float:
+        f0 = minor_faults()
+        ms = time_once(fn, sync)
+        faults[label][kind].append(None if f0 is None else minor_faults() - f0)
+        return ms
+
     for r in range(rounds):
         for w in works:
             with w.evaluated():  # inference as evaluation runs it: shared LoRA folded in (untimed merge)
                 w.infer()  # untimed: weights derived once per evaluation (DiTASK) are built after the last step
-                inf_ms[w.label].append(time_once(w.infer, sync))
-            tr_ms[w.label].append(time_once(w.train_step, sync))
+                inf_ms[w.label].append(timed(w.infer, w.label, "inference"))
+            tr_ms[w.label].append(timed(w.train_step, w.label, "train"))
         log(f"round {r + 1}/{rounds} done")
     env = environment_info(device)
     for w, prof in zip(works, profiles):
@@ -769,10 +789,12 @@ def profile_methods(specs: Sequence[str], dataset: str = "pascal_context", *, ba
         tr = LatencyStats.from_samples(tr_ms[w.label], batch_size)
         prof["latency"] = {"inference_batch1": asdict(inf), "train_step": asdict(tr), "warmup": warmup,
                            "rounds": rounds, "samples_ms": {"inference": inf_ms[w.label], "train": tr_ms[w.label]},
+                           "minor_page_faults": faults[w.label],
                            "what": "wall time with device synchronisation before and after each call; inference "
                                    "= one eval-mode forward at batch 1 under no_grad, after one untimed call; train "
                                    "= one step (forward, losses, backward, clip, AdamW) at batch_size; items_per_s "
-                                   "= images/s"}
+                                   "= images/s; minor_page_faults: of the process during each timed call (None "
+                                   "without getrusage)"}
         if compare_to is not None:
             ref = compare_to
             prof["ratios"] = {"reference": ref,

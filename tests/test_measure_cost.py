@@ -76,6 +76,9 @@ def test_profile_counts_inference_as_evaluated_and_the_train_step_unmerged():
     assert st_full["forward_torch_gflops"] == pytest.approx(inf_full["torch_gflops"], rel=1e-9)
     assert st_lora["forward_torch_gflops"] > inf_lora["torch_gflops"]
     assert st_lora["backward_torch_gflops"] < st_full["backward_torch_gflops"]
+    faults = lora["latency"]["minor_page_faults"]  # one count per timed call (Linux CI has getrusage)
+    assert [len(faults["inference"]), len(faults["train"])] == [1, 1]
+    assert all(isinstance(n, int) and n >= 0 for n in faults["inference"] + faults["train"])
 
 
 def test_flops_count_derived_weights_as_evaluation_uses_them():
