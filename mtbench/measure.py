@@ -683,7 +683,8 @@ def profile_methods(specs: Sequence[str], dataset: str = "pascal_context", *, ba
     method) for inference and a training step. Latency: all methods are built in this process and timed round-robin
     (``rounds`` rounds; in each round every method runs one inference at batch 1, after one untimed call so that
     weights derived once per evaluation are ready as in evaluation, and one training step at ``batch_size``),
-    after ``warmup`` untimed calls of each; ratios to ``compare_to`` are taken per round.
+    after ``warmup`` untimed round-robin rounds; ratios to ``compare_to`` are taken per round. The process's minor
+    page faults during each timed call are recorded beside its time.
 
     Args:
         specs: ``--methods`` items, e.g. ``["mtl_full", "mtlora:r=32"]``.
@@ -760,8 +761,8 @@ def profile_methods(specs: Sequence[str], dataset: str = "pascal_context", *, ba
             prof["memory"] = measure_memory_isolated(w.spec, dataset, batch_size, device, n_tasks=n_tasks,
                                                      activation_checkpoint=activation_checkpoint)
     log(f"latency: {warmup} warm-up + {rounds} round-robin rounds")
-    for w in works:
-        for _ in range(warmup):
+    for _ in range(warmup):  # round-robin like the timed rounds, so the allocator sees the same pattern
+        for w in works:
             with w.evaluated():
                 w.infer()
             w.train_step()
