@@ -238,3 +238,37 @@ def test_decoder_flops_grow_with_the_number_of_tasks():
     head = count_flops(w1.model.decoders["semseg"], ([torch.randn(1, c, s, s) for c, s in
                                                       zip(w1.model.backbone.feature_dims, (8, 4, 2, 2))], (64, 64)))
     assert counts[1] - counts[0] >= head.macs > 0
+
+
+def test_benchmark_ops_times_every_operator_call():
+    """benchmarks/ops.py: the dispatch timer counts each aten call once, forward and backward, and the script prints
+    a per-operator table whose rows add up to the printed sum."""
+    import importlib.util
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("bench_ops", root / "benchmarks" / "ops.py")
+    ops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ops)
+    a = torch.randn(64, 32, requires_grad=True)
+    timer = ops.OperatorTimer()
+    with timer:
+        (a @ a.t()).sum().backward()
+    assert timer.calls["mm"] == 3  # forward, and one per input in backward (a appears twice)
+    assert timer.calls["sum"] == 1 and all(v >= 0 for v in timer.seconds.values())
+
+    res = subprocess.run([sys.executable, str(root / "benchmarks" / "ops.py"), "--methods", "mtl_full,lora",
+                          "--dataset", "synthetic", "--warmup", "0", "--repeats", "1", "--rows", "500"],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)})
+    assert res.returncode == 0, res.stderr
+    train = res.stdout.split("inference (")[0]
+    rows = [line.split("|")[1:-1] for line in train.splitlines() if line.startswith("| ") and "**" not in line]
+    header, body = rows[0], rows[1:]
+    assert [h.strip() for h in header] == ["operator", "mtl_full", "lora"]
+    assert any(r[0].strip() == "mm" for r in body)
+    total = float(re.search(r"\*\*sum of operators\*\* \| (\d+)", train).group(1))
+    assert abs(sum(float(r[1]) for r in body) - total) <= 1 + 0.05 * total
