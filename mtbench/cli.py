@@ -544,7 +544,8 @@ def profile(
     batch_size: int = typer.Option(2, help="images per training step (latency and memory of a step)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     rounds: int = typer.Option(3, help="timed round-robin rounds (each times every method once)"),
-    warmup: int = typer.Option(2, help="untimed round-robin warm-up rounds (each runs every method once) before the timed rounds"),
+    warmup: int = typer.Option(2, help="untimed round-robin warm-up rounds (each runs every method once) before "
+                                       "the timed rounds"),
     compare_to: Optional[str] = typer.Option(None, help="give time and memory as ratios to this method, e.g. "
                                              "mtl_full (it must be among --methods)"),
     scaling: Optional[str] = typer.Option(None, help="'tasks': repeat the measurement with T = 1..--max-tasks "
