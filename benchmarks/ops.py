@@ -72,14 +72,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     args = ap.parse_args(argv)
 
     from mtbench.cpu import configure_cpu
     from mtbench.measure import Workload, synchronizer
+    from mtbench.train import resolve_device
 
     configure_cpu()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    sync = synchronizer(torch.device(device))
+    device = resolve_device(args.device)
+    sync = synchronizer(device)
     specs = [s.strip() for s in args.methods.split(",") if s.strip()]
     results = {"train": {}, "inference": {}}
     for spec in specs:
@@ -95,9 +97,11 @@ def main(argv: list[str] | None = None) -> None:
         labels = list(per_method)
         ops = set().union(*(t for t, _ in per_method.values()))
         ref = per_method[labels[0]][0]
-        order = sorted(ops, key=lambda op: -max(abs(per_method[m][0].get(op, 0.0) - ref.get(op, 0.0))
-                                                 for m in labels) if len(labels) > 1
-                       else -ref.get(op, 0.0))
+
+        def largest_difference_first(op: str) -> tuple[float, float]:  # ties (one method alone): slowest first
+            return (-max(abs(per_method[m][0].get(op, 0.0) - ref.get(op, 0.0)) for m in labels), -ref.get(op, 0.0))
+
+        order = sorted(ops, key=largest_difference_first)
         print(f"\n{mode} ({args.dataset}, batch {args.batch_size if mode == 'train' else 1}, {device}, "
               f"{torch.get_num_threads()} threads; ms per step)")
         print("| operator | " + " | ".join(labels) + " |")
@@ -109,4 +113,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from mtbench.errors import MtbenchError
+
+    try:
+        main()
+    except MtbenchError as e:  # bad method, dataset or device: one line, no traceback
+        raise SystemExit(f"error: {e}") from None

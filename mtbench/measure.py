@@ -503,13 +503,10 @@ class Workload:
         self.model.train()
         return self.loss(self.model(self.images if images is None else images))
 
-    def forward_backward(self, images: torch.Tensor | None = None) -> None:
-        self.forward_loss(images).backward()
-
     def train_step(self) -> None:
         """One training step as ``mtbench.train.fit`` takes it (fp32): forward, loss, backward, clip, AdamW."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.forward_backward()
+        self.forward_loss().backward()
         if self.recipe.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), self.recipe.grad_clip)
         self.optimizer.step()

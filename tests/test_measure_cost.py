@@ -272,3 +272,8 @@ def test_benchmark_ops_times_every_operator_call():
     assert any(r[0].strip() == "mm" for r in body)
     total = float(re.search(r"\*\*sum of operators\*\* \| (\d+)", train).group(1))
     assert abs(sum(float(r[1]) for r in body) - total) <= 1 + 0.05 * total
+
+    bad = subprocess.run([sys.executable, str(root / "benchmarks" / "ops.py"), "--methods", "nope"],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)})
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [bad.stderr.strip()]
+    assert bad.stderr.startswith("error: unknown method 'nope'; valid:")
