@@ -23,9 +23,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console(width=None if sys.stdout.isatty() else 200)  # no wrapping when piped
 
 
-_ACTIVATION_HELP = ("activation checkpointing in training: none | task (recompute the blocks that run several "
-                    "streams, e.g. MTLoRA's and TADFormer's last block per stage) | all (every block); less memory, "
-                    "more time, the same outputs and gradients")
+_ACTIVATION_HELP = ("activation checkpointing in training: none | lora_inputs (LoRA layers recompute their "
+                    "LayerNorm/GELU input in backward) | task (that, and recompute the blocks that run several "
+                    "streams, e.g. MTLoRA's and TADFormer's last block per stage) | all (that, for every block); less "
+                    "memory, more time, the same outputs and gradients")
 
 
 @app.command("list")

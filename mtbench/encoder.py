@@ -68,6 +68,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mtbench.errors import MtbenchError
+from mtbench.lora import lora_input_recompute
 from mtbench.streams import (
     SHARED, StreamLayout, first_and_rest, repeat_streams, split_streams, stream_layout, unstack_streams,
 )
@@ -327,10 +328,13 @@ def run_block(block: nn.Module, x: torch.Tensor, ctx: BlockContext, extensions: 
     return x, prompts
 
 
-#: ``--activation-checkpoint`` choices. ``task``: the blocks that run more than one stream (where the task streams split
-#: off or continue; MTLoRA and TADFormer: the last block of each stage) keep only their inputs for backward and run
-#: their forward again there; ``all``: every block (the official Swin code's ``USE_CHECKPOINT``); ``none``: neither.
-ACTIVATION_CHECKPOINT = ("none", "task", "all")
+#: ``--activation-checkpoint`` choices, each keeping less for backward than the one before. ``lora_inputs``: LoRA layers
+#: keep no copy of their input where it is a LayerNorm's or GELU's output and recompute it in backward from the input
+#: that LayerNorm or GELU keeps anyway (:func:`mtbench.lora.recompute_lora_inputs`); ``task``: that, and the blocks
+#: that run more than one stream (where the task streams split off or continue; MTLoRA and TADFormer: the last block
+#: of each stage) keep only their inputs for backward and run their forward again there; ``all``: that, for every
+#: block (the official Swin code's ``USE_CHECKPOINT``); ``none``: nothing recomputed.
+ACTIVATION_CHECKPOINT = ("none", "lora_inputs", "task", "all")
 
 
 def check_activation_checkpoint(mode: str) -> str:
@@ -346,7 +350,7 @@ def check_activation_checkpoint(mode: str) -> str:
 
 def _checkpointed(model: nn.Module, layout: StreamLayout, split: bool) -> bool:
     mode = check_activation_checkpoint(getattr(model, "activation_checkpoint", "none"))
-    if mode == "none" or not (model.training and torch.is_grad_enabled()):
+    if mode in ("none", "lora_inputs") or not (model.training and torch.is_grad_enabled()):
         return False
     return mode == "all" or split or layout.size > 1
 
@@ -368,14 +372,21 @@ def _context_factory(stage: int, index: int, depth: int, block, layout: StreamLa
     return make
 
 
-def _block_step(block, x, prompts, make_ctx: Callable, exts, split: bool, out: list):
+def _block_step(block, x, prompts, make_ctx: Callable, exts, split: bool, out: list, recompute_inputs: bool):
     """One block from a fresh context (so that a checkpoint's recomputation starts from the same state); the
-    context is left in ``out``."""
+    context is left in ``out``. The stream layout and the LoRA-input recomputation are set here, not by the caller,
+    so that a checkpoint's recomputation in backward runs under the same ones."""
     ctx = make_ctx(prompts)
-    with stream_layout(ctx.layout):
+    with stream_layout(ctx.layout), lora_input_recompute(recompute_inputs):
         y, p = run_block(block, x, ctx, exts, split)
     out[:] = [ctx]
     return y, p
+
+
+def _plain_block(block, x, layout: StreamLayout, recompute_inputs: bool):
+    """timm's own ``block(x)`` under ``layout`` (see :func:`_block_step` for why here)."""
+    with stream_layout(layout), lora_input_recompute(recompute_inputs):
+        return block(x)
 
 
 def encode(model: nn.Module, images: torch.Tensor) -> tuple[dict[str, list[torch.Tensor]], dict[str, torch.Tensor]]:
@@ -396,6 +407,14 @@ def encode(model: nn.Module, images: torch.Tensor) -> tuple[dict[str, list[torch
     Raises:
         MtbenchError: a plan that drops the shared stream and later needs it.
     """
+    recompute_inputs = getattr(model, "activation_checkpoint", "none") != "none"
+    with lora_input_recompute(recompute_inputs):
+        return _encode(model, images, recompute_inputs)
+
+
+def _encode(model: nn.Module, images: torch.Tensor,
+            recompute_inputs: bool) -> tuple[dict[str, list[torch.Tensor]], dict[str, torch.Tensor]]:
+    """:func:`encode`'s loop."""
     bb = model.backbone
     plan: StreamPlan = model.stream_plan
     tasks = tuple(model.task_names)
@@ -428,13 +447,13 @@ def encode(model: nn.Module, images: torch.Tensor) -> tuple[dict[str, list[torch
             exts = model.extensions_at(i, j)
             ckpt = _checkpointed(model, layout, split)
             if not exts and prompts is None and not split:
-                with stream_layout(layout):
-                    x = checkpoint(block, x, use_reentrant=False) if ckpt else block(x)
+                args = (block, x, layout, recompute_inputs)
+                x = checkpoint(_plain_block, *args, use_reentrant=False) if ckpt else _plain_block(*args)
                 continue
 
             make_ctx = _context_factory(i, j, depth, block, layout, model, state, aux)
             out: list[BlockContext] = []
-            args = (block, x, prompts, make_ctx, exts, split, out)
+            args = (block, x, prompts, make_ctx, exts, split, out, recompute_inputs)
             x, prompts = checkpoint(_block_step, *args, use_reentrant=False) if ckpt else _block_step(*args)
             layout = out[0].layout
         if layout.has_shared and layout.size > 1:  # shared rows apart: the next stage's input does not depend on T

@@ -184,4 +184,7 @@ def build_model(resolved: ResolvedMethod, backbone, tasks, decoder: str | None =
     if decoder is not None and decoder != model.decoder_name:
         model.set_decoder(decoder)
     model.apply_trainability()
+    from mtbench.lora import recompute_lora_inputs
+
+    recompute_lora_inputs(model)  # LoRA inputs recomputed in backward, not kept (training memory; exact)
     return model

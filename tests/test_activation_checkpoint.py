@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from mtbench.config import parse_method_specs
+from mtbench.lora import LoRALinear, lora_input_recompute, recompute_lora_inputs
 from mtbench.registry import build_model, resolve_spec
 from mtbench.swin import create_backbone
 from mtbench.tasks import TaskSpec
@@ -40,7 +41,8 @@ def _step(spec: str, mode: str):
 
 
 @pytest.mark.parametrize("spec,mode", [("mtlora", "task"), ("tadformer", "task"), ("tadformer_official", "all"),
-                                       ("tdss", "all"), ("vpt_deep", "task")])
+                                       ("tdss", "all"), ("vpt_deep", "task"), ("mtlora", "lora_inputs"),
+                                       ("tadformer", "lora_inputs"), ("lora:share=dedicated", "task")])
 def test_checkpointed_step_equals_plain_step(spec, mode):
     out0, g0, saved0 = _step(spec, "none")
     out1, g1, saved1 = _step(spec, mode)
@@ -54,9 +56,10 @@ def test_checkpointed_step_equals_plain_step(spec, mode):
 
 def test_task_mode_checkpoints_only_the_blocks_with_several_streams():
     _, _, saved_none = _step("mtlora", "none")
+    _, _, saved_inputs = _step("mtlora", "lora_inputs")
     _, _, saved_task = _step("mtlora", "task")
     _, _, saved_all = _step("mtlora", "all")
-    assert saved_all < saved_task < saved_none
+    assert saved_all < saved_task < saved_inputs < saved_none
     _, _, shared_none = _step("lora", "none")  # one stream everywhere: nothing to checkpoint in "task" mode
     _, _, shared_task = _step("lora", "task")
     assert shared_task == shared_none
@@ -81,4 +84,42 @@ def test_bad_mode_is_one_line_error(cmd, tmp_path):
     res = subprocess.run([str(entry), *cmd, "--results-dir", str(tmp_path)], capture_output=True, text=True)
     assert res.returncode == 2, res.stderr
     lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
-    assert lines == ["error: unknown --activation-checkpoint 'sometimes'; valid: none, task, all"], res.stderr
+    expected = "error: unknown --activation-checkpoint 'sometimes'; valid: none, lora_inputs, task, all"
+    assert lines == [expected], res.stderr
+
+
+def _ln_lora_step(recompute: bool, inplace: bool = False):
+    """LayerNorm -> LoRALinear (dropout 0.5, task streams off) -> loss; gradients and the bytes saved for backward."""
+    torch.manual_seed(0)
+    norm, layer = torch.nn.LayerNorm(8), LoRALinear(torch.nn.Linear(8, 6), r=3, scale=2.0, dropout=0.5)
+    layer.base.requires_grad_(False)
+    torch.nn.init.normal_(layer.lora_B)
+    recompute_lora_inputs(torch.nn.ModuleDict({"norm": norm, "reduction": layer}))  # PatchMerging's pair
+    x = torch.randn(4, 5, 8, requires_grad=True)
+    saved = {}  # storages kept for backward (one tensor saved twice is kept once)
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with lora_input_recompute(recompute), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        h = norm(x)
+        if inplace:
+            h.mul_(2.0)  # the LoRA input is no longer the LayerNorm's output: it must be kept, not recomputed
+        torch.manual_seed(3)
+        out = layer(h)
+    (out * torch.arange(out.numel()).view(out.shape)).sum().backward()
+    return [t.grad.clone() for t in (x, layer.lora_A, layer.lora_B)], sum(saved.values())
+
+
+def test_lora_input_recompute_gives_the_same_gradients_and_keeps_no_copy():
+    grads_saved, bytes_saved = _ln_lora_step(False)
+    grads_rec, bytes_rec = _ln_lora_step(True)
+    for a, b in zip(grads_saved, grads_rec):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert bytes_saved - bytes_rec == 4 * 5 * 8 * 4  # the dropped-out float copy of the [4, 5, 8] input is gone
+    grads_plain, _ = _ln_lora_step(False, inplace=True)
+    grads_inplace, _ = _ln_lora_step(True, inplace=True)  # changed in place: falls back to the kept copy
+    for a, b in zip(grads_plain, grads_inplace):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(grads_plain[1], grads_saved[1])  # the in-place change does change A's gradient
