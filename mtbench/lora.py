@@ -149,8 +149,11 @@ class _RecomputedDown(torch.autograd.Function):
     def backward(ctx, grad_z):
         src, weight, keep = ctx.saved_tensors
         grad_x = grad_w = None
+        # under autocast (AMP) z and grad_z are half precision while src and weight are float32: compute in grad_z's
+        # dtype, as autocast's matmul backward does; autograd casts the gradients back to the inputs' dtypes
+        weight = weight.to(grad_z.dtype)
         if ctx.needs_input_grad[2]:  # first: the recomputed input is freed before grad_x is allocated
-            d = ctx.producer.forward(src)  # not __call__: no hooks
+            d = ctx.producer.forward(src).to(grad_z.dtype)  # not __call__: no hooks
             if keep is not None:
                 d.mul_(keep)  # in place: one buffer, not two
             if weight.dim() == 2:

@@ -123,3 +123,24 @@ def test_lora_input_recompute_gives_the_same_gradients_and_keeps_no_copy():
     for a, b in zip(grads_plain, grads_inplace):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
     assert not torch.allclose(grads_plain[1], grads_saved[1])  # the in-place change does change A's gradient
+
+
+def test_lora_input_recompute_under_autocast():
+    """AMP (CPU bfloat16 here, CUDA float16 in runs): the recomputing backward works in the gradients' precision and
+    gives the gradients of the kept-copy path."""
+    def grads(mode):
+        torch.manual_seed(0)
+        model = build_model(resolve_spec(parse_method_specs("mtlora")[0]), create_backbone("swin_embedded"), TASKS)
+        model.train().activation_checkpoint = mode
+        x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        sum((o.float() * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum() for o in out.values()).backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    g0, g1 = grads("none"), grads("lora_inputs")
+    assert g0.keys() == g1.keys() and len(g0) > 0
+    for n in g0:
+        assert g1[n].dtype == torch.float32
+        assert torch.allclose(g0[n], g1[n], rtol=1e-2, atol=1e-4), n
