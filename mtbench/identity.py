@@ -122,10 +122,8 @@ class RunIdentity(BaseModel):
         return out
 
     def method_key(self) -> str:
-        """``default``, or the variant name and option departures joined by ``_`` (``mtlora_plus_r=32``)."""
-        parts = [] if self.variant == "default" else [self.variant]
-        parts += [f"{k}={v}" for k, v in sorted(self.option_departures.items())]
-        return "_".join(parts) if parts else "default"
+        """See :func:`method_key`."""
+        return method_key(self.variant, self.option_departures)
 
     def path_key(self) -> str:
         """The directory name of this identity under ``{dataset}/{method}/`` (see the module docstring)."""
@@ -189,6 +187,15 @@ def setting_defaults(dataset: str) -> dict[str, Any]:
 def format_option(v: Any) -> str:
     """An option value as typed on the command line (tuples joined by ``+``, booleans lowercase)."""
     return _fmt(v)
+
+
+def method_key(variant: str, departures: dict[str, str]) -> str:
+    """The method part of a result's or profile's directory name: ``default``, or the variant name and the option
+    departures from its preset (:func:`option_departures`) joined by ``_`` (``mtlora_plus_r=32``). An option given at
+    its preset value (``mtlora:r=16``) is no departure, so such a run and its profile land beside the default's."""
+    parts = [] if variant == "default" else [variant]
+    parts += [f"{k}={v}" for k, v in sorted(departures.items())]
+    return "_".join(parts) if parts else "default"
 
 
 def option_departures(method: str, variant: str, options: dict[str, Any]) -> dict[str, str]:

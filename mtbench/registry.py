@@ -144,10 +144,11 @@ class ResolvedMethod:
 
     @property
     def method_key(self) -> str:
-        """Directory name of this configuration in the result store: the variant plus non-preset options."""
-        parts = [] if self.variant == "default" else [self.variant]
-        parts += [f"{k}={v}" for k, v in sorted(self.spec.options.items())]
-        return "_".join(parts) if parts else "default"
+        """Directory name of this configuration in the result store (:func:`mtbench.identity.method_key`: the
+        variant plus the options that depart from its preset), where ``run`` and ``profile`` both write."""
+        from mtbench.identity import method_key, option_departures
+
+        return method_key(self.variant, option_departures(self.name, self.variant, self.config.to_dict()))
 
     @property
     def label(self) -> str:

@@ -221,6 +221,9 @@ def test_config_validation_errors():
     rm = resolve_spec(MethodSpec("mtlora_plus", {"r": "32"}))
     assert rm.config.plus is True and rm.config.r == 32
     assert rm.method_key == "mtlora_plus_r=32"
+    # an option at its preset value is no departure: `profile` writes where `run` writes (the run identity's key)
+    assert resolve_spec(MethodSpec("mtlora", {"r": "16"})).method_key == "default"
+    assert resolve_spec(MethodSpec("mtlora_plus", {"r": "16", "plus": "true"})).method_key == "mtlora_plus"
 
 
 def test_config_bounds_are_declared_once_and_listed():
