@@ -88,7 +88,7 @@ class LoRADropout(nn.Module):
         return f"p={self.p}"
 
 
-#: attribute a recomputable activation carries: ``(producer module, its input, output version, input version)``
+#: attribute a recomputable activation carries: ``(recipe, its version, its recipe tensors' versions)``
 _SOURCE_ATTR = "_mtbench_lora_source"
 _recompute_enabled = [False]  # set per forward by the encoder loop (--activation-checkpoint)
 
@@ -106,54 +106,106 @@ def lora_input_recompute(enabled: bool) -> Iterator[None]:
         _recompute_enabled[0] = before
 
 
+class Recipe:
+    """How to recompute an activation ``x`` in backward from tensors that are kept anyway: ``x = fn(*tensors)``
+    reshaped to ``shape``.
+
+    Two kinds: ``rowwise`` (``fn`` a LayerNorm's or GELU's ``forward``, ``tensors = (its input,)``; any selection of
+    rows of the input gives the same rows of ``x``) and ``low_rank`` (``fn`` = an activation of ``W x_shared + b +
+    z_s up_s`` per stream ``s``, ``tensors = (base [1, N, out], z [S, N, R], up [S, R, out])``; a selection of streams
+    selects rows of ``z`` and ``up``).
+
+    Attributes:
+        fn: ``(*tensors) -> tensor``; tensors: what ``fn`` reads; shape: ``x``'s shape;
+        kind: ``rowwise`` | ``low_rank``.
+    """
+
+    def __init__(self, fn: Callable, tensors: Sequence[torch.Tensor], shape, kind: str):
+        self.fn, self.tensors, self.shape, self.kind = fn, tuple(tensors), tuple(shape), kind
+
+    def compute(self, *tensors: torch.Tensor) -> torch.Tensor:
+        """``x`` from ``tensors`` (this recipe's, as saved for backward)."""
+        return self.fn(*tensors).reshape(self.shape)
+
+    def reshape(self, *shape: int) -> Recipe:
+        return Recipe(self.fn, self.tensors, shape, self.kind)
+
+    def first_and_rest(self, num_streams: int) -> tuple[Recipe, Recipe] | None:
+        """Recipes of the first stream's rows and of the others' (as :func:`mtbench.streams.first_and_rest`), or
+        None where the streams do not match."""
+        m = self.shape[0] // num_streams
+        rows = (m, self.shape[0] - m)
+        if self.kind == "rowwise":
+            first, rest = first_and_rest(self.tensors[0], num_streams)
+            return (Recipe(self.fn, (first,), first.shape, self.kind), Recipe(self.fn, (rest,), rest.shape, self.kind))
+        base, z, up = self.tensors
+        if z.shape[0] != num_streams:
+            return None
+        return tuple(Recipe(self.fn, (base, z[sl], up[sl]), (n, *self.shape[1:]), self.kind)
+                     for sl, n in ((slice(0, 1), rows[0]), (slice(1, None), rows[1])))
+
+
+def _tag(x: torch.Tensor, recipe: Recipe) -> torch.Tensor:
+    """Mark ``x`` as recomputable by ``recipe`` (while neither ``x`` nor the recipe's tensors change in place)."""
+    setattr(x, _SOURCE_ATTR, (recipe, x._version, tuple(t._version for t in recipe.tensors)))
+    return x
+
+
+def _recording() -> bool:
+    return _recompute_enabled[0] and torch.is_grad_enabled()
+
+
 def _tag_source(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
     """Forward hook: mark ``output`` as ``module(inputs[0])``, recomputable in backward from the input, which the
-    module's own backward keeps anyway (LayerNorm and GELU save their input)."""
-    if _recompute_enabled[0] and torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
-        src = inputs[0]
-        setattr(output, _SOURCE_ATTR, (module, src, output._version, src._version))
+    module's own backward keeps anyway (LayerNorm and GELU save their input). An output its module marked itself
+    (:class:`LowRankGELU`) keeps that mark."""
+    if (_recording() and isinstance(output, torch.Tensor) and output.requires_grad
+            and getattr(output, _SOURCE_ATTR, None) is None):
+        _tag(output, Recipe(module.forward, (inputs[0],), output.shape, "rowwise"))
 
 
-def _source_of(x: torch.Tensor) -> tuple[nn.Module, torch.Tensor] | None:
-    """``(producer, input)`` when ``x`` is exactly ``producer(input)`` as produced (neither changed in place since),
-    else None."""
+def _source_of(x: torch.Tensor) -> Recipe | None:
+    """The :class:`Recipe` of ``x`` when ``x`` is exactly what it recomputes (neither ``x`` nor the recipe's tensors
+    changed in place since), else None."""
     tag = getattr(x, _SOURCE_ATTR, None)
     if tag is None or not _recompute_enabled[0]:
         return None
-    module, src, version, src_version = tag
-    if x._version != version or src._version != src_version or src.shape != x.shape:
+    recipe, version, versions = tag
+    if x._version != version or tuple(t._version for t in recipe.tensors) != versions:
         return None
-    return module, src
+    if math.prod(recipe.shape) != x.numel():
+        return None
+    return recipe
 
 
 class _RecomputedDown(torch.autograd.Function):
     """``z = where(keep, x, 0) @ A^T`` (``A`` ``[r, in]`` on ``x`` ``[N, in]``, or ``[T, r, in]`` on ``[T, N, in]``)
-    that saves the producer's input ``src`` instead of ``x`` and recomputes ``x = producer(src)`` in backward.
+    that saves a :class:`Recipe`'s tensors instead of ``x`` and recomputes ``x`` from them in backward.
 
-    ``producer`` works row-wise on the last dim (LayerNorm, GELU), so ``src`` may be any row selection of the
-    producer's input that matches ``x``. ``src`` is saved by the producer's own backward anyway, so the LoRA input
-    costs no memory for backward; without this, a float copy of every LoRA'd ``fc1``, ``fc2`` and PatchMerging input
-    (every task stream's too) is kept, about a quarter of MTLoRA's saved activations. Gradients: ``grad_x = keep ·
-    (grad_z A)``, ``grad_A = grad_z^T (keep · x)`` (per task stream for a 3-D ``A``).
+    The recipe's tensors are kept for backward anyway (a LayerNorm's or GELU's input, or a split block's ``W x + b``
+    and low-rank factors), so the LoRA input costs no memory for backward; without this, a float copy of every LoRA'd
+    ``fc1``, ``fc2`` and PatchMerging input (every task stream's too) is kept, about a quarter of MTLoRA's saved
+    activations. Gradients: ``grad_x = keep · (grad_z A)``, ``grad_A = grad_z^T (keep · x)`` (per task stream for a
+    3-D ``A``).
     """
 
     @staticmethod
-    def forward(ctx, x, src, weight, keep, producer):
+    def forward(ctx, x, weight, keep, recipe, *tensors):
         d = x if keep is None else torch.where(keep, x, 0.0)
-        ctx.save_for_backward(src, weight, keep)
-        ctx.producer = producer
+        ctx.save_for_backward(weight, keep, *tensors)
+        ctx.recipe = Recipe(recipe.fn, (), recipe.shape, recipe.kind)  # no tensor references outside the saved ones
         return torch.matmul(d, weight.transpose(-1, -2))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_z):
-        src, weight, keep = ctx.saved_tensors
+        weight, keep, *tensors = ctx.saved_tensors
         grad_x = grad_w = None
-        # under autocast (AMP) z and grad_z are half precision while src and weight are float32: compute in grad_z's
-        # dtype, as autocast's matmul backward does; autograd casts the gradients back to the inputs' dtypes
+        # under autocast (AMP) z and grad_z are half precision while the recipe's tensors and weight may be float32:
+        # compute in grad_z's dtype, as autocast's matmul backward does; autograd casts the gradients back
         weight = weight.to(grad_z.dtype)
-        if ctx.needs_input_grad[2]:  # first: the recomputed input is freed before grad_x is allocated
-            d = ctx.producer.forward(src).to(grad_z.dtype)  # not __call__: no hooks
+        if ctx.needs_input_grad[1]:  # first: the recomputed input is freed before grad_x is allocated
+            d = ctx.recipe.compute(*tensors).to(grad_z.dtype)
             if keep is not None:
                 d.mul_(keep)  # in place: one buffer, not two
             if weight.dim() == 2:
@@ -165,18 +217,18 @@ class _RecomputedDown(torch.autograd.Function):
             grad_x = torch.matmul(grad_z, weight)
             if keep is not None:
                 grad_x.mul_(keep)
-        return grad_x, None, grad_w, None, None
+        return (grad_x, grad_w, None, None) + (None,) * len(tensors)
 
 
 def low_rank_down(x: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor | None = None,
-                  source: tuple[nn.Module, torch.Tensor] | None = None) -> torch.Tensor:
+                  source: Recipe | None = None) -> torch.Tensor:
     """The down-projection of a LoRA branch, ``where(keep, x, 0) @ weight^T``.
 
     Args:
         x: ``[N, in]`` (``weight`` ``[r, in]``) or ``[T, N, in]`` (``weight`` ``[T, r, in]``, one per task stream).
         keep: boolean dropout keep-mask shaped as ``x``, or None.
-        source: ``(producer, src)`` with ``x = producer(src)`` row-wise and ``src`` shaped as ``x``
-            (from :func:`recompute_lora_inputs`'s tags): ``x`` is then recomputed in backward instead of saved.
+        source: a :class:`Recipe` of ``x`` (from :func:`recompute_lora_inputs`'s marks): ``x`` is then recomputed
+            in backward instead of saved.
 
     Returns:
         ``[N, r]`` or ``[T, N, r]``.
@@ -184,8 +236,47 @@ def low_rank_down(x: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor | No
     if source is None or not torch.is_grad_enabled() or not weight.requires_grad:
         d = x if keep is None else torch.where(keep, x, 0.0)
         return torch.matmul(d, weight.transpose(-1, -2))
-    return _RecomputedDown.apply(x, source[1], weight, keep, source[0])
+    return _RecomputedDown.apply(x, weight, keep, source.reshape(*x.shape), *source.tensors)
 
+
+def _low_rank_sum(base: torch.Tensor, z: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``base + z up`` per stream in the dtype of ``z`` (autocast's, when recomputed outside it)."""
+    return torch.baddbmm(base.to(z.dtype), z, up.to(z.dtype))
+
+
+class _GELUOfLowRank(torch.autograd.Function):
+    """``GELU(h)`` for ``h = base + z up`` (a split block's stacked ``fc1`` output) that saves ``base, z, up`` (one
+    stream of ``W x + b`` and rank-R factors) instead of ``h`` (every stream) and recomputes ``h`` in backward."""
+
+    @staticmethod
+    def forward(ctx, h, approximate, base, z, up):
+        ctx.save_for_backward(base, z, up)
+        ctx.approximate = approximate
+        return nn.functional.gelu(h, approximate=approximate)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_g):
+        base, z, up = ctx.saved_tensors
+        h = _low_rank_sum(base, z, up).reshape(grad_g.shape).to(grad_g.dtype)
+        return torch.ops.aten.gelu_backward(grad_g, h, approximate=ctx.approximate), None, None, None, None
+
+
+class LowRankGELU(nn.GELU):
+    """timm's MLP activation (``nn.GELU``, the same function and no parameters) that, when its input is a split
+    block's stacked ``fc1`` output ``h = W x_shared + b + z_s up_s`` (:meth:`LoRALinear._stacked_forward`, marked
+    there), keeps for backward one stream of ``W x + b`` and the rank-R factors instead of ``h`` for every stream,
+    and marks its output as recomputable from them for ``fc2``'s LoRA. Otherwise plain ``nn.GELU``. Installed by
+    :func:`recompute_lora_inputs`; active under :func:`lora_input_recompute` in training."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        recipe = _source_of(h) if _recording() and h.requires_grad else None
+        if recipe is None or recipe.kind != "low_rank":
+            return super().forward(h)
+        g = _GELUOfLowRank.apply(h, self.approximate, *recipe.tensors)
+        act = self.approximate
+        return _tag(g, Recipe(lambda b, z, u: nn.functional.gelu(_low_rank_sum(b, z, u), approximate=act),
+                              recipe.tensors, g.shape, "low_rank"))
 
 class WrappedLinear(nn.Module):
     """Base of the layers that wrap a frozen ``nn.Linear`` (:class:`LoRALinear`, DiTASK's ``DiTASKLinear``): keeps it
@@ -304,8 +395,7 @@ class LoRALinear(WrappedLinear):
             return d.reshape(-1, self.in_features) @ self.lora_A.t(), c
         keep, c = mask
         flat = (lambda t: None if t is None else t.reshape(-1, self.in_features))
-        src = None if source is None else (source[0], flat(source[1]))
-        return low_rank_down(flat(x), self.lora_A, flat(keep), src), c
+        return low_rank_down(flat(x), self.lora_A, flat(keep), source), c
 
     def _shared_forward(self, x: torch.Tensor, out: torch.Tensor | None = None, source=None) -> torch.Tensor:
         """``W x + b + s · B A dropout(x)`` with the dropout scale and ``s`` folded into one ``addmm``; ``out``:
@@ -327,9 +417,7 @@ class LoRALinear(WrappedLinear):
         layout = StreamLayout(tasks, 0)
         if self.task_mode == "own":
             return per_stream(x, lambda t, part: self.task_delta(part, t), layout)
-        flat = (lambda t: t.reshape(-1, self.in_features))
-        src = None if source is None else (source[0], flat(source[1]))
-        z = low_rank_down(flat(x), self.lora_A, None, src).view(*x.shape[:-1], self.r)
+        z = low_rank_down(x.reshape(-1, self.in_features), self.lora_A, None, source).view(*x.shape[:-1], self.r)
         if self.task_mid is not None:
             with stream_layout(layout):
                 z = self.task_mid(z)
@@ -365,9 +453,8 @@ class LoRALinear(WrappedLinear):
         """Down-projections of the task rows ``x`` ``[T*M, ..., in]`` in one ``bmm``, ``z`` ``[T, N, r_t]``, and the
         up-projections ``[T, r_t, out]`` (unscaled; :meth:`_equal_task_ranks` must hold); ``source``: see
         :func:`low_rank_down`."""
-        rows = (lambda t: t.reshape(len(tasks), -1, self.in_features))
-        src = None if source is None else (source[0], rows(source[1]))
-        z = low_rank_down(rows(x), torch.stack([self.task_A[t] for t in tasks]), None, src)
+        z = low_rank_down(x.reshape(len(tasks), -1, self.in_features), torch.stack([self.task_A[t] for t in tasks]),
+                          None, source)
         return z, torch.stack([self.task_B[t] for t in tasks]).transpose(1, 2)
 
     def _stacked_forward(self, xs: torch.Tensor, xt: torch.Tensor, tasks: tuple[str, ...],
@@ -395,8 +482,11 @@ class LoRALinear(WrappedLinear):
                        nn.functional.pad(z_tasks, (0, R - up_tasks.shape[1]))])
         up = torch.cat([nn.functional.pad(self.lora_B.t(), (0, 0, 0, R - self.r)).unsqueeze(0),
                         nn.functional.pad(up_tasks, (0, 0, 0, R - up_tasks.shape[1]))])
-        out = torch.baddbmm(base.reshape(1, n, self.out_features), z, up)
-        return out.view((T + 1) * xs.shape[0], *xs.shape[1:-1], self.out_features)
+        base = base.reshape(1, n, self.out_features)
+        out = torch.baddbmm(base, z, up).view((T + 1) * xs.shape[0], *xs.shape[1:-1], self.out_features)
+        if _recording() and out.requires_grad:  # recomputable from one stream of W x + b and rank-R factors
+            _tag(out, Recipe(_low_rank_sum, (base, z, up), out.shape, "low_rank"))
+        return out
 
     @property
     def merged(self) -> bool:
@@ -440,8 +530,8 @@ class LoRALinear(WrappedLinear):
             if layout.names[0] != SHARED:
                 raise MtbenchError(f"the shared stream must come first, got {layout.names}")
             xs, xt = first_and_rest(x, layout.size)
-            ss, st = (None, None) if source is None else ((source[0], s) for s in first_and_rest(source[1],
-                                                                                                layout.size))
+            parts = None if source is None else source.first_and_rest(layout.size)
+            ss, st = (None, None) if parts is None else parts
             if self.r > 0 and self._equal_task_ranks(layout.tasks):
                 return self._stacked_forward(xs, xt, layout.tasks, (ss, st))
             base = self.base(xs)
@@ -564,19 +654,23 @@ def inject_block_lora(
 def recompute_lora_inputs(model: nn.Module) -> int:
     """Let every :class:`LoRALinear` whose input is a LayerNorm's or GELU's output recompute that input in backward
     instead of keeping a copy: Swin blocks' ``norm2`` -> ``mlp.fc1``, ``mlp.act`` -> ``mlp.fc2``, PatchMerging's
-    ``norm`` -> ``reduction``.
+    ``norm`` -> ``reduction``. The MLP's ``nn.GELU`` becomes a :class:`LowRankGELU` (the same function), which in a
+    split block keeps one stream of ``W x + b`` and rank-R factors for backward instead of every stream's ``fc1``
+    output.
 
-    A forward hook marks the producer's output; a LoRA layer uses the mark only when its input *is* that output,
-    unchanged (same tensor, same version), so a method that changes the tensor in between (a ``mlp_input`` hook) just
-    keeps the saved copy. Exact in value; the gradients equal the saved-copy path's to float rounding (tested).
-    Active under :func:`lora_input_recompute` (``--activation-checkpoint lora_inputs`` and up). Training memory of
-    MTLoRA on Swin-T 448 at batch 2: about -520 MB (-19 %) for +4 % step time on CPU (issue 6). Idempotent.
+    A forward hook marks the producer's output with a :class:`Recipe`; a LoRA layer uses the mark only when its input
+    *is* that output, unchanged (same tensor, same version, the recipe's tensors unchanged), so a method that changes
+    the tensor in between (a ``mlp_input`` hook) just keeps the saved copy. Exact in value; the gradients equal the
+    saved-copy path's to float rounding (tested). Active under :func:`lora_input_recompute` (``--activation-checkpoint
+    lora_inputs`` and up). Idempotent.
 
     Returns:
         The number of producers hooked.
     """
     n = 0
     for module in model.modules():
+        if type(getattr(module, "act", None)) is nn.GELU and isinstance(getattr(module, "fc2", None), LoRALinear):
+            module.act = LowRankGELU(approximate=module.act.approximate)
         pairs = (("norm2", getattr(getattr(module, "mlp", None), "fc1", None)),
                  ("act", getattr(module, "fc2", None)), ("norm", getattr(module, "reduction", None)))
         for name, consumer in pairs:

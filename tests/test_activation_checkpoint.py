@@ -144,3 +144,48 @@ def test_lora_input_recompute_under_autocast():
     for n in g0:
         assert g1[n].dtype == torch.float32
         assert torch.allclose(g0[n], g1[n], rtol=1e-2, atol=1e-4), n
+
+
+def _split_mlp_step(recompute: bool):
+    """A split block's MLP (fc1 -> GELU -> fc2, both LoRALinear with a shared and per-task branches of equal
+    ranks) on 3 stacked streams (shared, a, b); gradients, the bytes saved for backward and the
+    MLP's activation type."""
+    from timm.layers import Mlp
+
+    from mtbench.streams import SHARED, StreamLayout, stream_layout
+
+    torch.manual_seed(0)
+    mlp = Mlp(8, 32, 8)
+    mlp.requires_grad_(False)
+    mlp.fc1 = LoRALinear(mlp.fc1, r=4, scale=2.0, task_ranks={"a": 3, "b": 3})
+    mlp.fc2 = LoRALinear(mlp.fc2, r=4, scale=2.0, task_ranks={"a": 3, "b": 3})
+    for p in (*mlp.fc1.parameters(), *mlp.fc2.parameters()):
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.3)
+    recompute_lora_inputs(mlp)
+    x = torch.randn(3 * 2, 5, 8, requires_grad=True)  # 3 streams of 2 images, 5 tokens
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with lora_input_recompute(recompute), stream_layout(StreamLayout((SHARED, "a", "b"), 2)), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = mlp(x)
+    (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+    params = [p for p in mlp.parameters() if p.requires_grad]
+    return [x.grad.clone()] + [p.grad.clone() for p in params], sum(saved.values()), type(mlp.act).__name__
+
+
+def test_split_block_mlp_keeps_one_stream_of_fc1_output():
+    """In a split block, ``fc1``'s stacked output is ``W x_shared + b`` plus each stream's low-rank update; the GELU
+    keeps that one stream and the rank-R factors instead of every stream's output, and ``fc2``'s LoRA recomputes its
+    input from them too: the same gradients, and at least 2 of the 3 streams' [2, 5, 32] fc1 outputs not kept."""
+    grads_saved, bytes_saved, act = _split_mlp_step(False)
+    grads_rec, bytes_rec, _ = _split_mlp_step(True)
+    assert act == "LowRankGELU"
+    assert len(grads_saved) == len(grads_rec) == 1 + 2 * 6  # input; fc1, fc2: shared A, B and a's, b's A, B
+    for a, b in zip(grads_saved, grads_rec):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert bytes_saved - bytes_rec >= 2 * (2 * 5 * 32 * 4)
