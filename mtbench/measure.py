@@ -570,20 +570,25 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> dict[str, Any]:
     ok = reset_peak_rss()
     fn()
     peak = _proc_status_kb("VmHWM")
+    from mtbench.cpu import APPLIED, LIVE_MMAP_THRESHOLD
+
+    live = (f"; glibc's mmap threshold fixed at {LIVE_MMAP_THRESHOLD // 1024} KiB, so the resident set follows live "
+            "allocations (mtbench.cpu.track_live_memory)") if APPLIED.get("live_memory") else ""
     return {"rss_step_mb": (peak - before) / 1024 if ok else float("nan"), "rss_peak_mb": peak / 1024,
             "rss_before_mb": before / 1024,
-            "what": "Linux VmHWM (peak resident set of the process) after resetting it via /proc/self/clear_refs, "
-                    "minus VmRSS just before the step (rss_step_mb), in a fresh process with the model built"
-            if ok else "Linux VmHWM of the whole process (clear_refs unavailable: includes start-up)"}
+            "what": ("Linux VmHWM (peak resident set of the process) after resetting it via /proc/self/clear_refs, "
+                     "minus VmRSS just before the step (rss_step_mb), in a fresh process with the model built"
+                     if ok else "Linux VmHWM of the whole process (clear_refs unavailable: includes start-up)") + live}
 
 
 def _memory_child(spec: str, dataset: str, batch_size: int, device: str, modes: list[str], threads: int,
                   n_tasks: int | None, activation_checkpoint: str = "none") -> dict:
     import gc
 
-    from mtbench.cpu import configure_cpu
+    from mtbench.cpu import configure_cpu, track_live_memory
 
-    configure_cpu(allocator=False)  # denormals as the timed process; glibc's own allocator so peaks are not hidden
+    configure_cpu(allocator=False)  # denormals as the timed process; no kept blocks that would hide a peak
+    track_live_memory()  # and no freed blocks that stay resident and add to it
     torch.set_num_threads(threads)
     tasks = None if n_tasks is None else scaled_tasks(dataset, n_tasks)
     w = Workload(spec, dataset, batch_size, device, tasks=tasks, activation_checkpoint=activation_checkpoint)
@@ -604,8 +609,9 @@ def measure_memory_isolated(spec: str, dataset: str, batch_size: int, device: to
     """:func:`peak_memory` of one inference call (batch 1) and of one training step (``batch_size``; the first
     step, so gradients and AdamW's two moments are allocated inside it) of a method, in a fresh Python process
     (``sys.executable``) per method that builds the model and then measures the modes in order (inference first:
-    its activations are freed and returned before the training step; large CPU tensors are ``mmap``-ed and given
-    back to the system when freed, so they do not hide the step's peak).
+    its activations are freed and returned before the training step). On CPU the child fixes glibc's mmap threshold
+    (:func:`mtbench.cpu.track_live_memory`): every tensor of at least 128 KiB is ``mmap``-ed and given back to the
+    system when freed, so the peak resident set follows the live allocations.
 
     Args:
         modes: ``inference`` and/or ``train``.

@@ -3,6 +3,7 @@ block and an HRNet head, synchronised timing, reported skipped operators, and CP
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -277,3 +278,36 @@ def test_benchmark_ops_times_every_operator_call():
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)})
     assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [bad.stderr.strip()]
     assert bad.stderr.startswith("error: unknown method 'nope'; valid:")
+
+
+_FRAGMENT = (
+    "import torch\nfrom mtbench.cpu import track_live_memory\n"
+    "from mtbench.measure import peak_memory, _proc_status_kb\n"
+    "{setup}"
+    "x = torch.ones(20 * 2**20 // 4); del x\n"  # under glibc's default this raises the mmap threshold to 20 MiB
+    "keep = []\n"
+    "def step():\n"
+    "    big = []\n"
+    "    for _ in range(24):\n"  # 24 x 4 MiB, each followed by a small block that stays allocated
+    "        big.append(torch.ones(2**20)); keep.append(torch.ones(16))\n"
+    "    del big[:]\n"
+    "before = _proc_status_kb('VmRSS')\n"
+    "m = peak_memory(step, torch.device('cpu'))\n"
+    "print(m['rss_step_mb'], (_proc_status_kb('VmRSS') - before) / 1024)\n")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc controls")
+def test_track_live_memory_returns_freed_blocks():
+    """With the fixed mmap threshold, 96 MiB of 4 MiB tensors freed at the end of a step leave the resident set,
+    and the step's peak is those 96 MiB; under glibc's default (after a 20 MiB block was freed) they stay resident."""
+    import subprocess
+
+    def run(setup):
+        out = subprocess.run([sys.executable, "-c", _FRAGMENT.format(setup=setup)], capture_output=True, text=True,
+                             check=True).stdout.split()
+        return float(out[0]), float(out[1])
+
+    peak, left = run("assert track_live_memory()\n")
+    assert 90 <= peak < 110 and left < 10
+    _, left_default = run("")
+    assert left_default > 80  # what the fixed threshold removes: freed tensors counted as resident
