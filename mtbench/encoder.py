@@ -292,8 +292,9 @@ def run_block(block: nn.Module, x: torch.Tensor, ctx: BlockContext, extensions: 
             return (splitters[0] if splitters else BlockExtension()).split(ctx, values)
 
         with stream_layout(ctx.layout):
-            if hasattr(attn.proj, "split_forward"):
-                proj_shared, proj_tasks = attn.proj.split_forward(att.values, P, make_task_inputs)
+            if hasattr(attn.proj, "split_forward"):  # None: every task reads the shared input (the default split)
+                proj_shared, proj_tasks = attn.proj.split_forward(att.values, P,
+                                                                  make_task_inputs if splitters else None)
             else:
                 proj_shared = attn.proj(att.values)
                 proj_tasks = attn.proj(make_task_inputs(att.values[:, P:]))

@@ -75,6 +75,42 @@ def test_one_dropout_mask_at_the_proj_split():
                           atol=1e-5)
 
 
+def test_proj_split_without_task_inputs_reads_the_shared_input_once():
+    """``make_task_inputs=None`` (MTLoRA's split): the task streams' down-projections are one matmul on the shared
+    dropped-out input, with the outputs and gradients of repeating that input per task, and no per-task copy kept."""
+    from mtbench.streams import repeat_streams
+
+    def step(make):
+        torch.manual_seed(0)
+        layer = LoRALinear(torch.nn.Linear(8, 6), r=4, scale=4.0, dropout=0.5, task_ranks={"a": 3, "b": 3, "c": 3})
+        layer.base.requires_grad_(False)
+        for p in layer.lora_parameters():
+            torch.nn.init.normal_(p)
+        layer.train()
+        x = torch.randn(3, 7, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        saved = {}
+
+        def pack(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        torch.manual_seed(2)
+        with stream_layout(StreamLayout((SHARED, "a", "b", "c"), 3)), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            shared, task = layer.split_forward(x, 0, make)  # no prompt rows, as MTLoRA
+        (shared.sum() + (task * torch.linspace(-1, 1, task.numel()).view(task.shape)).sum()).backward()
+        grads = [x.grad] + [p.grad for p in layer.lora_parameters()]
+        return shared, task, grads, sum(saved.values())
+
+    s0, t0, g0, saved0 = step(lambda d: repeat_streams(d, 3))
+    s1, t1, g1, saved1 = step(None)
+    assert t1.shape == t0.shape == (9, 7, 6)
+    assert torch.equal(s0, s1) and torch.allclose(t0, t1, atol=1e-5)
+    for a, b in zip(g0, g1):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert saved0 - saved1 >= 3 * 3 * 7 * 8 * 4  # the 3 task copies of the [3, 7, 8] input
+
+
 def test_no_dropout_on_task_branch_inputs():
     """fc1/fc2 of the last block (official MTLoRA): task rows are deterministic in training mode."""
     layer = _layer()
