@@ -291,10 +291,11 @@ def run_block(block: nn.Module, x: torch.Tensor, ctx: BlockContext, extensions: 
         def make_task_inputs(values: torch.Tensor) -> torch.Tensor:
             return (splitters[0] if splitters else BlockExtension()).split(ctx, values)
 
+        # the default split repeats the shared input for every task: a layer may read it once instead
+        make_task_inputs.repeats_shared_input = not splitters
         with stream_layout(ctx.layout):
-            if hasattr(attn.proj, "split_forward"):  # None: every task reads the shared input (the default split)
-                proj_shared, proj_tasks = attn.proj.split_forward(att.values, P,
-                                                                  make_task_inputs if splitters else None)
+            if hasattr(attn.proj, "split_forward"):
+                proj_shared, proj_tasks = attn.proj.split_forward(att.values, P, make_task_inputs)
             else:
                 proj_shared = attn.proj(att.values)
                 proj_tasks = attn.proj(make_task_inputs(att.values[:, P:]))

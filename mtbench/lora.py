@@ -550,10 +550,10 @@ class LoRALinear(WrappedLinear):
         Args:
             x: shared input ``[M, L, in]``.
             skip_rows: leading rows of dim 1 (prompt tokens) that only the shared stream keeps.
-            make_task_inputs: ``[M, L - skip_rows, in] -> [T*M, L - skip_rows, in]``, or None: every task stream
-                reads the shared stream's dropped-out input (MTLoRA). Then the task branches' down-projections are
-                one matmul on that input with the tasks' ``A`` stacked, and no per-task copy of it is made or kept
-                for backward.
+            make_task_inputs: ``[M, L - skip_rows, in] -> [T*M, L - skip_rows, in]``. None, or a callable whose
+                attribute ``repeats_shared_input`` is true (the encoder's default split): every task stream reads the
+                shared stream's dropped-out input (MTLoRA). Then the task branches' down-projections are one matmul
+                on that input with the tasks' ``A`` stacked, and no per-task copy of it is made or kept for backward.
 
         Returns:
             ``(shared output [M, L, out], task outputs [T*M, L - skip_rows, out])``.
@@ -566,14 +566,15 @@ class LoRALinear(WrappedLinear):
         else:
             d, shared = x, base
         rows = d[:, skip_rows:]
-        if make_task_inputs is None and self._equal_task_ranks(layout.tasks):
+        same = make_task_inputs is None or getattr(make_task_inputs, "repeats_shared_input", False)
+        if same and self._equal_task_ranks(layout.tasks):
             T, rank = len(layout.tasks), self.task_A[layout.tasks[0]].shape[0]
             a = torch.cat([self.task_A[t] for t in layout.tasks])  # [T*r, in]
             z = (rows.reshape(-1, self.in_features) @ a.t()).view(-1, T, rank).transpose(0, 1)  # [T, N, r]
             up = torch.stack([self.task_B[t] for t in layout.tasks]).transpose(1, 2)
             out = torch.baddbmm(base[:, skip_rows:].reshape(1, -1, self.out_features), z, up, alpha=self.task_scale)
             return shared, out.view(T * rows.shape[0], *rows.shape[1:-1], self.out_features)
-        task_in = repeat_streams(rows, len(layout.tasks)) if make_task_inputs is None else make_task_inputs(rows)
+        task_in = repeat_streams(rows, len(layout.tasks)) if same else make_task_inputs(rows)
         if self.task_mode == "none":
             task = self.base(task_in) + (self.up(task_in @ self.lora_A.t()) if self.r > 0 else 0)
             return shared, task
