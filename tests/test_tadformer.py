@@ -167,6 +167,30 @@ def test_gate_mixes_equally_at_init():
     assert torch.allclose(gate(a, b), 0.5 * a + 0.5 * b)
 
 
+def test_gate_keeps_one_tensor_for_backward_with_autograds_gradients():
+    """Training: the gate keeps ``skip - out`` (and σ(g)) for backward, not both inputs; its output equals the
+    formula's bit for bit and its gradients equal autograd's through the formula."""
+    gate = StageGate()
+    with torch.no_grad():
+        gate.g.fill_(0.7)
+    skip, out = (torch.randn(4, 5, 6, generator=torch.Generator().manual_seed(i), requires_grad=True) for i in (0, 1))
+    weight = torch.linspace(-1, 1, 120).view(4, 5, 6)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y = gate(skip, out)
+    (y * weight).sum().backward()
+    got = [t.grad.clone() for t in (skip, out, gate.g)]
+    assert sorted(saved) == [1, 120]
+    for t in (skip, out, gate.g):
+        t.grad = None
+    w = torch.sigmoid(gate.g)
+    ref = w * skip + (1 - w) * out
+    (ref * weight).sum().backward()
+    assert torch.equal(y, ref)
+    for a, b in zip(got, (skip.grad, out.grad, gate.g.grad)):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def _task_streams(model, block, x, prompts):
     """Task streams of the last block of stage 0, run by the core (issue 6: was ``model.task_block(...)[2]``)."""
     from mtbench.encoder import BlockContext, run_block
