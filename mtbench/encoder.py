@@ -213,7 +213,9 @@ class BlockExtension(nn.Module):
             values: ``[M, N, C]`` patch rows of the shared stream (``M = B*nW``).
 
         Returns:
-            ``[T*M, N, C]``, tasks in ``ctx.layout.tasks`` order. Default: ``values`` for every task.
+            ``[T*M, N, C]``, tasks in ``ctx.layout.tasks`` order. Default: ``values`` for every task; with no
+            extension overriding this, the loop tells the ``proj`` layer so (``repeats_shared_input``) and
+            :meth:`mtbench.lora.LoRALinear.split_forward` reads ``values`` once instead of a copy per task.
         """
         return repeat_streams(values, len(ctx.layout.tasks))
 

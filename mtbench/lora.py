@@ -74,11 +74,11 @@ class LoRADropout(nn.Module):
     def unscaled(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         """``(y, c)`` with ``dropout(x) = c · y``: the scale is left for the caller to fold into a later product
         (one elementwise pass fewer)."""
-        if not self.training or self.p == 0:
-            return x, 1.0
-        if x.is_cuda or self.p >= 1:
+        mask = self.mask(x)
+        if mask is None:
             return nn.functional.dropout(x, self.p, True), 1.0
-        return torch.where(self.keep_mask(tuple(x.shape), x.device), x, 0.0), 1.0 / (1.0 - self.p)
+        keep, c = mask
+        return (x if keep is None else torch.where(keep, x, 0.0)), c
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y, c = self.unscaled(x)
@@ -278,6 +278,7 @@ class LowRankGELU(nn.GELU):
         return _tag(g, Recipe(lambda b, z, u: nn.functional.gelu(_low_rank_sum(b, z, u), approximate=act),
                               recipe.tensors, g.shape, "low_rank"))
 
+
 class WrappedLinear(nn.Module):
     """Base of the layers that wrap a frozen ``nn.Linear`` (:class:`LoRALinear`, DiTASK's ``DiTASKLinear``): keeps it
     as ``self.base`` and exposes its ``weight``, ``bias``, ``in_features`` and ``out_features``, so code that reads a
@@ -442,8 +443,17 @@ class LoRALinear(WrappedLinear):
             delta = split_streams(self.task_deltas(x, tasks, source), len(tasks))
             return (delta + base).view(*x.shape[:-1], self.out_features)
         z, up = self._task_factors(x, tasks, source)
+        return self._add_task_updates(base, z, up, x.shape[:-1])
+
+    def _add_task_updates(self, base: torch.Tensor, z: torch.Tensor, up: torch.Tensor, lead: tuple) -> torch.Tensor:
+        """``base + s_t · z_t up_t`` for every task in one ``baddbmm``: ``base`` ``[M, ..., out]`` (``N`` rows),
+        ``z`` ``[T, N, r]``, ``up`` ``[T, r, out]``; returns ``[*lead, out]`` (``lead`` the task rows' shape)."""
         out = torch.baddbmm(base.reshape(1, -1, self.out_features), z, up, alpha=self.task_scale)
-        return out.view(*x.shape[:-1], self.out_features)
+        return out.view(*lead, self.out_features)
+
+    def _task_ups(self, tasks: tuple[str, ...]) -> torch.Tensor:
+        """The tasks' up-projections stacked, ``[T, r_t, out]`` (unscaled; equal task ranks)."""
+        return torch.stack([self.task_B[t] for t in tasks]).transpose(1, 2)
 
     def _equal_task_ranks(self, tasks: tuple[str, ...]) -> bool:
         """``task_mode="own"`` with one rank for every task in ``tasks`` (the batched ``bmm`` paths)."""
@@ -455,7 +465,7 @@ class LoRALinear(WrappedLinear):
         :func:`low_rank_down`."""
         z = low_rank_down(x.reshape(len(tasks), -1, self.in_features), torch.stack([self.task_A[t] for t in tasks]),
                           None, source)
-        return z, torch.stack([self.task_B[t] for t in tasks]).transpose(1, 2)
+        return z, self._task_ups(tasks)
 
     def _stacked_forward(self, xs: torch.Tensor, xt: torch.Tensor, tasks: tuple[str, ...],
                          sources: tuple | None = None) -> torch.Tensor:
@@ -571,9 +581,8 @@ class LoRALinear(WrappedLinear):
             T, rank = len(layout.tasks), self.task_A[layout.tasks[0]].shape[0]
             a = torch.cat([self.task_A[t] for t in layout.tasks])  # [T*r, in]
             z = (rows.reshape(-1, self.in_features) @ a.t()).view(-1, T, rank).transpose(0, 1)  # [T, N, r]
-            up = torch.stack([self.task_B[t] for t in layout.tasks]).transpose(1, 2)
-            out = torch.baddbmm(base[:, skip_rows:].reshape(1, -1, self.out_features), z, up, alpha=self.task_scale)
-            return shared, out.view(T * rows.shape[0], *rows.shape[1:-1], self.out_features)
+            lead = (T * rows.shape[0], *rows.shape[1:-1])
+            return shared, self._add_task_updates(base[:, skip_rows:], z, self._task_ups(layout.tasks), lead)
         task_in = repeat_streams(rows, len(layout.tasks)) if same else make_task_inputs(rows)
         if self.task_mode == "none":
             task = self.base(task_in) + (self.up(task_in @ self.lora_A.t()) if self.r > 0 else 0)

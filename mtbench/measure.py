@@ -563,15 +563,13 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> dict[str, Any]:
                 "what": "torch.cuda.max_memory_allocated after reset_peak_memory_stats: peak allocated during the "
                         "step over the allocation just before it (allocated_step_mb) and in total; "
                         "max_memory_reserved in total (caching allocator)"}
-    from mtbench.cpu import release_free_memory
+    from mtbench.cpu import APPLIED, LIVE_MMAP_THRESHOLD, release_free_memory
 
     release_free_memory()  # blocks a tuned allocator kept would otherwise serve the step without growing the RSS
     before = _proc_status_kb("VmRSS")
     ok = reset_peak_rss()
     fn()
     peak = _proc_status_kb("VmHWM")
-    from mtbench.cpu import APPLIED, LIVE_MMAP_THRESHOLD
-
     live = (f"; glibc's mmap threshold fixed at {LIVE_MMAP_THRESHOLD // 1024} KiB, so the resident set follows live "
             "allocations (mtbench.cpu.track_live_memory)") if APPLIED.get("live_memory") else ""
     return {"rss_step_mb": (peak - before) / 1024 if ok else float("nan"), "rss_peak_mb": peak / 1024,
