@@ -313,6 +313,11 @@ def table(
                          format_cost_table(tab))
             from mtbench.results import atomic_write_text
 
+            from mtbench.measure import mixed_memory_warning
+
+            warning = mixed_memory_warning(tab.attrs.get("memory_methods", ()))
+            if warning:
+                console.print(f"[yellow]{escape(warning)}[/yellow]")
             md = format_cost_table(tab).to_markdown(disable_numparse=True)
             path = Path(out_dir) / f"cost_{dataset}.md"
             atomic_write_text(path, md + "\n")
@@ -515,6 +520,7 @@ def plot(
     out_dir: str = typer.Option("reports", help="where pareto_{dataset}_{x}.png and .pdf are written"),
 ) -> None:
     """Draw Δm against #TP, GFLOPs, training memory and latency with the Pareto front (PNG and PDF)."""
+    from mtbench.measure import mixed_memory_warning
     from mtbench.pareto import AXES, cost_points, plot_cost
 
     axes = list(AXES) if x is None else [x]
@@ -522,6 +528,9 @@ def plot(
         if a not in AXES:
             raise MtbenchError(f"unknown --x {a!r}; valid: {', '.join(AXES)}")
     points, device = cost_points(results_dir, dataset, reported=reported)
+    warning = mixed_memory_warning(points["memory_method"]) if "memory" in axes else None
+    if warning:
+        console.print(f"[yellow]{escape(warning)}[/yellow]")
     for a in axes:
         try:
             paths = plot_cost(points, a, dataset, device, out_dir)

@@ -87,7 +87,7 @@ import os as _os
 import platform as _platform
 import re as _re
 import time as _time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -577,6 +577,37 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> dict[str, Any]:
             "what": ("Linux VmHWM (peak resident set of the process) after resetting it via /proc/self/clear_refs, "
                      "minus VmRSS just before the step (rss_step_mb), in a fresh process with the model built"
                      if ok else "Linux VmHWM of the whole process (clear_refs unavailable: includes start-up)") + live}
+
+
+#: text of a CPU memory record's ``what`` when the resident set followed live allocations (:func:`peak_memory`)
+LIVE_MEMORY_MARK = "mtbench.cpu.track_live_memory"
+
+
+def memory_method(profile: dict[str, Any]) -> str:
+    """How a profile's training-step peak memory was measured, read from its ``memory.train`` record.
+
+    Returns:
+        ``cuda`` (torch's peak allocated bytes); ``cpu-live`` (peak RSS with glibc's mmap threshold fixed, so the
+        resident set follows live allocations: profiles from commit c0fb989 on, whose ``what`` names
+        :data:`LIVE_MEMORY_MARK`); ``cpu-heap`` (peak RSS under glibc's dynamic threshold, older profiles: freed
+        tensors could stay resident and count toward the peak, e.g. MTLoRA 2157-2279 MB from run to run where the
+        live peak is 1428 MB); ``none`` (no memory measured).
+    """
+    train = (profile.get("memory") or {}).get("train") or {}
+    if "allocated_step_mb" in train:
+        return "cuda"
+    if "rss_step_mb" not in train:
+        return "none"
+    return "cpu-live" if LIVE_MEMORY_MARK in train.get("what", "") else "cpu-heap"
+
+
+def mixed_memory_warning(methods: Iterable[str]) -> str | None:
+    """A one-line warning when CPU peaks of both kinds of :func:`memory_method` are compared (``cpu-heap`` ones read
+    high by up to about half), else None."""
+    if {"cpu-live", "cpu-heap"} <= set(methods):
+        return ("memory: some CPU profiles predate mtbench.cpu.track_live_memory (marked 'RSS incl. freed heap'); "
+                "their peaks count freed memory that stayed resident and read high: rerun mtbench profile for them")
+    return None
 
 
 def _memory_child(spec: str, dataset: str, batch_size: int, device: str, modes: list[str], threads: int,

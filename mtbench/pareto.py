@@ -57,13 +57,15 @@ def _group(label: str) -> str:
 
 
 def cost_points(results_dir: str | Path, dataset: str, reported: bool = False) -> tuple[pd.DataFrame, str]:
-    """One row per measured configuration (label, method = its line group, Δm, tp_m, gflops, memory_mb, latency_ms, reported=False)
-    and, with ``reported``, one per reported row of the papers for this dataset (Δm and #TP; training memory from
-    TDSS Table 3, GB -> MB; reported=True). Also the device description of the profiles used.
+    """One row per measured configuration (label, method = its line group, Δm, tp_m, gflops, memory_mb, latency_ms,
+    memory_method = :func:`mtbench.measure.memory_method` of its profile, reported=False) and, with ``reported``, one
+    per reported row of the papers for this dataset (Δm and #TP; training memory from TDSS Table 3, GB -> MB;
+    memory_method ``reported``, reported=True). Also the device description of the profiles used.
 
     Raises:
         MtbenchError: nothing to plot (no result files and, with ``reported``, no reported rows).
     """
+    from mtbench.measure import memory_method
     from mtbench.report import build_table, load_reported, results_frame
     from mtbench.results import load_profile, profile_for_result
 
@@ -80,14 +82,14 @@ def cost_points(results_dir: str | Path, dataset: str, reported: bool = False) -
             g = df[df["label"] == label]
             row = {"label": label, "method": _group(label), "delta_m": table.loc[label, "Δm (%)"],
                    "tp_m": table.loc[label, "#TP (M)"], "gflops": math.nan, "memory_mb": math.nan,
-                   "latency_ms": math.nan, "reported": False}
+                   "latency_ms": math.nan, "memory_method": "none", "reported": False}
             path = profile_for_result(g["path"].iloc[0])
             if path is not None:
                 p = load_profile(path)
                 mem = p.get("memory", {}).get("train", {})
                 row.update(gflops=p["flops"]["inference"]["gflops"],
                            memory_mb=mem.get("allocated_step_mb", mem.get("rss_step_mb", math.nan)),
-                           latency_ms=p["latency"]["inference_batch1"]["median_ms"])
+                           latency_ms=p["latency"]["inference_batch1"]["median_ms"], memory_method=memory_method(p))
                 devices.add(f"{p['env']['device_name']} ({p['env']['device']}, {p['env']['threads']} threads)")
             rows.append(row)
     if reported:
@@ -97,7 +99,8 @@ def cost_points(results_dir: str | Path, dataset: str, reported: bool = False) -
                 continue
             rows.append({"label": f"{r['row']} [{r['paper']} {r['table']}]", "method": r["method"] or r["row"],
                          "delta_m": r["delta_m"], "tp_m": r["tp_m"], "gflops": math.nan,
-                         "memory_mb": r["memory_gb"] * 1024, "latency_ms": math.nan, "reported": True})
+                         "memory_mb": r["memory_gb"] * 1024, "latency_ms": math.nan, "memory_method": "reported",
+                         "reported": True})
     if not rows:
         raise MtbenchError(f"nothing to plot for dataset {dataset!r} under {str(results_dir)!r}")
     return pd.DataFrame(rows), "; ".join(sorted(devices)) or "no profiles"

@@ -289,16 +289,20 @@ def build_cost_table(results_dir: str | Path, dataset: str, device: str | None =
     Each method's profile is the ``profile_{device}.json`` beside its first result file
     (:func:`mtbench.results.profile_for_result`; CUDA preferred when ``device`` is None); cost columns are NaN for
     a method without one. Memory is the training step's peak over the memory before it (RSS on CPU, allocated on
-    CUDA), GFLOPs = 2 x fvcore GMACs of one image, latency the median of inference at batch 1.
+    CUDA), GFLOPs = 2 x fvcore GMACs of one image, latency the median of inference at batch 1. The ``profile`` column
+    says "RSS incl. freed heap" for a CPU profile written before live-memory tracking
+    (:func:`mtbench.measure.memory_method` ``cpu-heap``), whose peak reads high; ``attrs["memory_methods"]`` lists
+    the memory methods of the profiles used.
 
     Raises:
         MtbenchError: no result files; an invalid profile file.
     """
+    from mtbench.measure import memory_method
     from mtbench.results import load_profile, profile_for_result
 
     table, _ = build_table(results_dir, dataset)
     df = results_frame(results_dir, dataset)
-    rows = []
+    rows, methods = [], []
     for label in table.index:
         g = df[df["label"] == label]
         path = profile_for_result(g["path"].iloc[0], device)
@@ -310,14 +314,18 @@ def build_cost_table(results_dir: str | Path, dataset: str, device: str | None =
             row["time per batch (ms)"] = p["latency"]["train_step"]["median_ms"]
             row["GFLOPs"] = p["flops"]["inference"]["gflops"]
             row["latency (ms)"] = p["latency"]["inference_batch1"]["median_ms"]
-            row["profile"] = f"{p['env']['device']}, batch {p['batch_size']}"
+            methods.append(memory_method(p))
+            heap = ", RSS incl. freed heap" if methods[-1] == "cpu-heap" else ""
+            row["profile"] = f"{p['env']['device']}, batch {p['batch_size']}{heap}"
         else:
             row.update({"train memory (MB)": float("nan"), "time per batch (ms)": float("nan"),
                         "GFLOPs": float("nan"), "latency (ms)": float("nan"), "profile": "none"})
         row["Δm (%)"] = table.loc[label, "Δm (%)"]
         rows.append(row)
-    return pd.DataFrame(rows).set_index("Method")[["#TP (M)", "train memory (MB)", "time per batch (ms)", "GFLOPs",
-                                                    "latency (ms)", "Δm (%)", "profile"]]
+    out = pd.DataFrame(rows).set_index("Method")[["#TP (M)", "train memory (MB)", "time per batch (ms)", "GFLOPs",
+                                                   "latency (ms)", "Δm (%)", "profile"]]
+    out.attrs["memory_methods"] = methods
+    return out
 
 
 def format_cost_table(table: pd.DataFrame) -> pd.DataFrame:

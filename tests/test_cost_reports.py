@@ -146,3 +146,47 @@ def test_plot_without_results_is_one_line_error(tmp_path):
     res = mtbench("plot", "--results-dir", str(tmp_path), "--out-dir", str(tmp_path / "o"))
     assert res.returncode == 2 and res.stderr.startswith("error: no result files")
     assert not (tmp_path / "o").exists()
+
+
+def test_memory_method_reads_how_a_peak_was_measured():
+    from mtbench.measure import LIVE_MEMORY_MARK, memory_method, mixed_memory_warning
+
+    assert memory_method({"memory": {"train": {"allocated_step_mb": 3.0}}}) == "cuda"
+    assert memory_method({}) == memory_method({"memory": {}}) == "none"
+    assert memory_method({"memory": {"train": {"rss_step_mb": 3.0, "what": "Linux VmHWM ..."}}}) == "cpu-heap"
+    assert memory_method({"memory": {"train": {"rss_step_mb": 3.0, "what": f"... ({LIVE_MEMORY_MARK})"}}}) == "cpu-live"
+    assert mixed_memory_warning(["cpu-live", "cpu-live", "none", "reported"]) is None
+    assert mixed_memory_warning(["cpu-heap", "cuda"]) is None
+    assert "predate mtbench.cpu.track_live_memory" in mixed_memory_warning(["cpu-live", "none", "cpu-heap"])
+
+
+def test_cost_table_and_plot_warn_when_cpu_peaks_of_both_kinds_are_compared(results_with_profile, tmp_path):
+    """The fixture's lora profile has no live-memory mark (an old CPU peak); a second profile with the mark makes the
+    comparison mixed: `table --kind cost` marks the old row and both commands warn. With one kind, no warning."""
+    from mtbench.measure import LIVE_MEMORY_MARK
+
+    plain = " ".join(mtbench("table", "--kind", "cost", "--results-dir", str(results_with_profile),
+                             "--out-dir", str(tmp_path / "a")).stdout.split())
+    assert "predate" not in plain
+
+    root = tmp_path / "res"
+    shutil.copytree(results_with_profile, root)
+    prof = json.loads((root / "synthetic/lora/default/profile_cpu.json").read_text())
+    prof["method"], prof["key"] = "mtlora", "default"
+    prof["memory"] = {"train": {"rss_step_mb": 40.0, "what": f"VmHWM (glibc threshold fixed, {LIVE_MEMORY_MARK})"},
+                      "inference": {"rss_step_mb": 9.0}}
+    (root / "synthetic/mtlora/default/profile_cpu.json").write_text(json.dumps(prof))
+
+    res = mtbench("table", "--kind", "cost", "--results-dir", str(root), "--out-dir", str(tmp_path / "b"))
+    assert res.returncode == 0, res.stderr
+    assert "predate mtbench.cpu.track_live_memory" in " ".join(res.stdout.split())
+    md = (tmp_path / "b" / "cost_synthetic.md").read_text()
+    lora = next(line for line in md.splitlines() if line.startswith("| lora "))
+    mtlora = next(line for line in md.splitlines() if line.startswith("| mtlora "))
+    assert "RSS incl. freed heap" in lora and "50.0" in lora
+    assert "RSS incl. freed heap" not in mtlora and "40.0" in mtlora
+
+    res = mtbench("plot", "--x", "memory", "--results-dir", str(root), "--out-dir", str(tmp_path / "c"))
+    assert res.returncode == 0, res.stderr
+    assert "predate mtbench.cpu.track_live_memory" in " ".join(res.stdout.split())
+    assert (tmp_path / "c" / "pareto_synthetic_memory.png").is_file()

@@ -311,3 +311,15 @@ def test_track_live_memory_returns_freed_blocks():
     assert 96 <= peak < 115 and left < 12  # 24 x 256 KiB stay
     _, left_default = run("")
     assert left_default > 80  # what the fixed threshold removes: freed tensors counted as resident
+
+
+def test_isolated_cpu_memory_is_marked_as_following_live_allocations():
+    """The fresh-process measurement every profile uses names live-memory tracking in its record, which is how
+    tables and plots tell its peaks from older ones (mtbench.measure.memory_method); a plain in-process
+    peak_memory (glibc's default threshold) does not."""
+    from mtbench.measure import measure_memory_isolated, memory_method
+
+    mem = measure_memory_isolated("lora", "synthetic", 2, torch.device("cpu"), modes=("train",))
+    assert mem["train"]["rss_step_mb"] > 0
+    assert memory_method({"memory": mem}) == "cpu-live"
+    assert memory_method({"memory": {"train": peak_memory(lambda: None, torch.device("cpu"))}}) == "cpu-heap"
