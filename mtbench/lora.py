@@ -467,11 +467,27 @@ class LoRALinear(WrappedLinear):
                           None, source)
         return z, self._task_ups(tasks)
 
+    def _task_low_rank(self, xt: torch.Tensor, tasks: tuple[str, ...],
+                       source=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The task streams' updates as scaled rank factors: ``update_t = z_t up_t`` with ``z`` ``[T, N, r_t]`` and
+        ``up`` ``[T, r_t, out]``, for ``task_mode="own"`` with equal task ranks (``s_t A_t x_t``, ``B_t^T``) or
+        ``"shared_ab"`` (``s · task_mid(A x_t)``, the shared ``B^T`` for every task: TADFormer's TA-module, whose
+        filter acts on the rank-r down-projection). ``source``: see :func:`low_rank_down`."""
+        if self.task_mode == "own":
+            z, up = self._task_factors(xt, tasks, source)
+            return z * self.task_scale, up
+        z = low_rank_down(xt.reshape(-1, self.in_features), self.lora_A, None, source).view(*xt.shape[:-1], self.r)
+        if self.task_mid is not None:
+            with stream_layout(StreamLayout(tasks, 0)):
+                z = self.task_mid(z)
+        return (z * self.scale).reshape(len(tasks), -1, self.r), self.lora_B.t().expand(len(tasks), -1, -1)
+
     def _stacked_forward(self, xs: torch.Tensor, xt: torch.Tensor, tasks: tuple[str, ...],
                          sources: tuple | None = None) -> torch.Tensor:
-        """Shared stream and task streams (``task_mode="own"``, equal task ranks) in one ``baddbmm`` that writes the
-        stacked output directly (no concatenation of full-width outputs): every stream adds its low-rank update to
-        ``W x_shared + b``; the ranks are zero-padded to the larger one (exact: padded terms add 0).
+        """Shared stream and task streams (``task_mode="own"`` with equal task ranks, or ``"shared_ab"``:
+        :meth:`_task_low_rank`) in one ``baddbmm`` that writes the stacked output directly (no concatenation of
+        full-width outputs): every stream adds its low-rank update to ``W x_shared + b``; the ranks are zero-padded
+        to the larger one (exact: padded terms add 0).
 
         Args:
             xs: shared rows ``[M, ..., in]``; xt: task rows ``[T*M, ..., in]``.
@@ -485,8 +501,7 @@ class LoRALinear(WrappedLinear):
         src_shared, src_tasks = sources if sources is not None else (None, None)
         z_shared, c = self._shared_down(xs, src_shared)
         z_shared = z_shared * (self.scale * c)
-        z_tasks, up_tasks = self._task_factors(xt, tasks, src_tasks)
-        z_tasks = z_tasks * self.task_scale
+        z_tasks, up_tasks = self._task_low_rank(xt, tasks, src_tasks)
         R = max(self.r, up_tasks.shape[1])
         z = torch.cat([nn.functional.pad(z_shared, (0, R - self.r)).unsqueeze(0),
                        nn.functional.pad(z_tasks, (0, R - up_tasks.shape[1]))])
@@ -542,7 +557,7 @@ class LoRALinear(WrappedLinear):
             xs, xt = first_and_rest(x, layout.size)
             parts = None if source is None else source.first_and_rest(layout.size)
             ss, st = (None, None) if parts is None else parts
-            if self.r > 0 and self._equal_task_ranks(layout.tasks):
+            if self.r > 0 and (self._equal_task_ranks(layout.tasks) or self.task_mode == "shared_ab"):
                 return self._stacked_forward(xs, xt, layout.tasks, (ss, st))
             base = self.base(xs)
             return torch.cat([self._shared_forward(xs, base, ss), self.task_outputs(xt, layout.tasks, base, st)])

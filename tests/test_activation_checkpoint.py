@@ -146,10 +146,11 @@ def test_lora_input_recompute_under_autocast():
         assert torch.allclose(g0[n], g1[n], rtol=1e-2, atol=1e-4), n
 
 
-def _split_mlp_step(recompute: bool):
-    """A split block's MLP (fc1 -> GELU -> fc2, both LoRALinear with a shared and per-task branches of equal
-    ranks) on 3 stacked streams (shared, a, b); gradients, the bytes saved for backward and the
-    MLP's activation type."""
+def _split_mlp_step(recompute: bool, task_mode: str = "own"):
+    """A split block's MLP (fc1 -> GELU -> fc2, both LoRALinear with a shared branch and task branches) on 3 stacked
+    streams (shared, a, b); gradients, the bytes saved for backward and the MLP's activation type. ``task_mode``:
+    ``own`` (MTLoRA: per-task A, B of equal ranks) or ``shared_ab`` (TADFormer's TA-module: the shared A, B with a
+    trainable module between them, here a Linear per layer shared by the tasks)."""
     from timm.layers import Mlp
 
     from mtbench.streams import SHARED, StreamLayout, stream_layout
@@ -157,8 +158,14 @@ def _split_mlp_step(recompute: bool):
     torch.manual_seed(0)
     mlp = Mlp(8, 32, 8)
     mlp.requires_grad_(False)
-    mlp.fc1 = LoRALinear(mlp.fc1, r=4, scale=2.0, task_ranks={"a": 3, "b": 3})
-    mlp.fc2 = LoRALinear(mlp.fc2, r=4, scale=2.0, task_ranks={"a": 3, "b": 3})
+    ranks = {"a": 3, "b": 3} if task_mode == "own" else None
+    mlp.fc1 = LoRALinear(mlp.fc1, r=4, scale=2.0, task_ranks=ranks)
+    mlp.fc2 = LoRALinear(mlp.fc2, r=4, scale=2.0, task_ranks=ranks)
+    mids = []
+    if task_mode == "shared_ab":
+        mids = [torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)]
+        mlp.fc1.set_task_mid(mids[0])
+        mlp.fc2.set_task_mid(mids[1])
     for p in (*mlp.fc1.parameters(), *mlp.fc2.parameters()):
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.3)
@@ -174,18 +181,25 @@ def _split_mlp_step(recompute: bool):
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = mlp(x)
     (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
-    params = [p for p in mlp.parameters() if p.requires_grad]
-    return [x.grad.clone()] + [p.grad.clone() for p in params], sum(saved.values()), type(mlp.act).__name__
+    params = [p for m in (mlp, *mids) for p in m.parameters() if p.requires_grad]
+    return [x.grad.clone()] + [p.grad.clone() for p in params], saved, type(mlp.act).__name__
 
 
-def test_split_block_mlp_keeps_one_stream_of_fc1_output():
-    """In a split block, ``fc1``'s stacked output is ``W x_shared + b`` plus each stream's low-rank update; the GELU
-    keeps that one stream and the rank-R factors instead of every stream's output, and ``fc2``'s LoRA recomputes its
-    input from them too: the same gradients, and at least 2 of the 3 streams' [2, 5, 32] fc1 outputs not kept."""
-    grads_saved, bytes_saved, act = _split_mlp_step(False)
-    grads_rec, bytes_rec, _ = _split_mlp_step(True)
+@pytest.mark.parametrize("task_mode,n_params", [("own", 2 * 6), ("shared_ab", 2 * 2 + 2 * 2)])
+def test_split_block_mlp_keeps_one_stream_of_fc1_output(task_mode, n_params):
+    """In a split block, ``fc1``'s stacked output is ``W x_shared + b`` plus each stream's low-rank update (MTLoRA's
+    own task factors, or TADFormer's filtered down-projection on the shared B); the GELU keeps that one stream and
+    the rank-R factors instead of every stream's output, and ``fc2``'s LoRA recomputes its input from them too: the
+    same gradients, and at least 2 of the 3 streams' [2, 5, 32] fc1 outputs not kept."""
+    grads_saved, kept_saved, act = _split_mlp_step(False, task_mode)
+    grads_rec, kept_rec, _ = _split_mlp_step(True, task_mode)
+    bytes_saved, bytes_rec = sum(kept_saved.values()), sum(kept_rec.values())
+    stacked = 3 * 2 * 5 * 32 * 4  # bytes of the 3 streams' fc1 output (or of its GELU)
+    assert stacked in kept_saved.values() and stacked not in kept_rec.values()
     assert act == "LowRankGELU"
-    assert len(grads_saved) == len(grads_rec) == 1 + 2 * 6  # input; fc1, fc2: shared A, B and a's, b's A, B
+    # input; own: fc1, fc2's shared A, B and a's, b's A, B; shared_ab: their shared A, B and the mids' weight, bias
+    assert len(grads_saved) == len(grads_rec) == 1 + n_params
+    assert all(g.abs().sum() > 0 for g in grads_rec)
     for a, b in zip(grads_saved, grads_rec):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
     assert bytes_saved - bytes_rec >= 2 * (2 * 5 * 32 * 4)
