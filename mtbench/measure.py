@@ -246,7 +246,7 @@ def count_flops(model: nn.Module, inputs: torch.Tensor | tuple, *, train: bool =
         with torch.no_grad():  # untimed call: what a method derives from its weights once per evaluation
             model(*inputs)     # (DiTASK's warped weights) is ready, as when evaluation runs the model
         fa = FlopCountAnalysis(_TupleOutput(model), inputs)
-        fa.set_op_handle(**EXTRA_FLOP_HANDLES)  # attention (sdpa_macs) and grid_sample
+        fa.set_op_handle(**EXTRA_FLOP_HANDLES)  # attention (sdpa_macs), grid_sample and baddbmm
         fa.unsupported_ops_warnings(False)
         fa.uncalled_modules_warnings(False)
         with torch.no_grad():
@@ -930,10 +930,20 @@ def _grid_sampler_flop(inputs, outputs) -> int:
     return 4 * math.prod(get_shape(outputs[0]))
 
 
+def _baddbmm_flop(inputs, outputs) -> int:
+    """fvcore handle of ``aten::baddbmm(input, batch1 [b, n, k], batch2 [b, k, m])``: ``b·n·k·m`` multiply-adds, as
+    fvcore counts ``bmm`` (the added ``input`` is elementwise and not counted, as fvcore leaves out ``add``)."""
+    from fvcore.nn.jit_handles import get_shape
+
+    b, n, k = get_shape(inputs[1])
+    return b * n * k * get_shape(inputs[2])[-1]
+
+
 #: fvcore handles mtbench adds for ops fvcore 0.1.5 skips (it would warn and count 0); the attention handle is the
 #: one the profile uses (:func:`sdpa_macs`).
 EXTRA_FLOP_HANDLES = {"aten::grid_sampler": _grid_sampler_flop,
-                      "aten::scaled_dot_product_attention": _fvcore_sdpa_handle}
+                      "aten::scaled_dot_product_attention": _fvcore_sdpa_handle,
+                      "aten::baddbmm": _baddbmm_flop}
 
 
 def count_macs(module: nn.Module, inputs: tuple) -> int:

@@ -25,6 +25,22 @@ def test_linear_flops_hand_computed():
     assert fc.mismatch == [] and fc.skipped == {}
 
 
+class _StackedLowRank(nn.Module):
+    """``base + z up`` per stream in one ``baddbmm`` (the split layers' stacked output, mtbench.lora)."""
+
+    def forward(self, base, z, up):
+        return torch.baddbmm(base, z, up)
+
+
+def test_baddbmm_flops_hand_computed():
+    """fvcore 0.1.5 has no baddbmm handle (it would skip it and count 0); mtbench's counts b·n·k·m, as torch does."""
+    base, z, up = torch.randn(1, 10, 24), torch.randn(5, 10, 3), torch.randn(5, 3, 24)  # broadcast base as in lora
+    fc = count_flops(_StackedLowRank(), (base, z, up))
+    assert fc.macs == 5 * 10 * 3 * 24
+    assert fc.torch_flops == 2 * 5 * 10 * 3 * 24
+    assert fc.mismatch == [] and fc.skipped == {}
+
+
 class _WindowAttnBlock(nn.Module):
     """qkv -> attention inside windows (mtbench.swin.window_attention, F.scaled_dot_product_attention) -> proj."""
 
