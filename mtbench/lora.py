@@ -438,8 +438,8 @@ class LoRALinear(WrappedLinear):
             ``[T*M, ..., out]``.
         """
         if not self._equal_task_ranks(tasks):
-            # unequal task ranks (one matmul per task), or the shared B after task_mid (TADFormer: this order,
-            # s · B z then + base, keeps the recorded outputs' bits)
+            # unequal task ranks (one matmul per task), or the shared B after task_mid (TADFormer's proj split,
+            # whose task inputs come from the TPC; its fc1/fc2 go through _stacked_forward)
             delta = split_streams(self.task_deltas(x, tasks, source), len(tasks))
             return (delta + base).view(*x.shape[:-1], self.out_features)
         z, up = self._task_factors(x, tasks, source)
