@@ -313,11 +313,8 @@ def table(
                          format_cost_table(tab))
             from mtbench.results import atomic_write_text
 
-            from mtbench.measure import mixed_memory_warning
-
-            warning = mixed_memory_warning(tab.attrs.get("memory_methods", ()))
-            if warning:
-                console.print(f"[yellow]{escape(warning)}[/yellow]")
+            for w in tab.attrs.get("warnings", []):
+                console.print(f"[yellow]warning[/yellow] {escape(w)}")
             md = format_cost_table(tab).to_markdown(disable_numparse=True)
             path = Path(out_dir) / f"cost_{dataset}.md"
             atomic_write_text(path, md + "\n")
@@ -530,7 +527,7 @@ def plot(
     points, device = cost_points(results_dir, dataset, reported=reported)
     warning = mixed_memory_warning(points["memory_method"]) if "memory" in axes else None
     if warning:
-        console.print(f"[yellow]{escape(warning)}[/yellow]")
+        console.print(f"[yellow]warning[/yellow] {escape(warning)}")
     for a in axes:
         try:
             paths = plot_cost(points, a, dataset, device, out_dir)

@@ -583,6 +583,11 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> dict[str, Any]:
 LIVE_MEMORY_MARK = "mtbench.cpu.track_live_memory"
 
 
+def _train_memory(profile: dict[str, Any]) -> dict[str, Any]:
+    """A profile's ``memory.train`` record, empty when no memory was measured."""
+    return (profile.get("memory") or {}).get("train") or {}
+
+
 def memory_method(profile: dict[str, Any]) -> str:
     """How a profile's training-step peak memory was measured, read from its ``memory.train`` record.
 
@@ -593,12 +598,19 @@ def memory_method(profile: dict[str, Any]) -> str:
         tensors could stay resident and count toward the peak, e.g. MTLoRA 2157-2279 MB from run to run where the
         live peak is 1428 MB); ``none`` (no memory measured).
     """
-    train = (profile.get("memory") or {}).get("train") or {}
+    train = _train_memory(profile)
     if "allocated_step_mb" in train:
         return "cuda"
     if "rss_step_mb" not in train:
         return "none"
     return "cpu-live" if LIVE_MEMORY_MARK in train.get("what", "") else "cpu-heap"
+
+
+def train_peak_mb(profile: dict[str, Any]) -> float:
+    """A profile's training-step peak in MB (``allocated_step_mb`` on CUDA, ``rss_step_mb`` on CPU; NaN when no
+    memory was measured); :func:`memory_method` says how it was measured."""
+    train = _train_memory(profile)
+    return train.get("allocated_step_mb", train.get("rss_step_mb", float("nan")))
 
 
 def mixed_memory_warning(methods: Iterable[str]) -> str | None:
@@ -878,13 +890,12 @@ def scaling_tasks(specs: Sequence[str], dataset: str, *, batch_size: int, device
         log(f"T = {n} tasks")
         for p in profile_methods(specs, dataset, batch_size=batch_size, device=device, rounds=rounds, warmup=warmup,
                                  tasks=scaled_tasks(dataset, n), memory=memory):
-            mem = p.get("memory", {}).get("train", {})
             rows.append({"method": p["label"], "tasks": n, "tp_m": p["params"]["trainable"] / 1e6,
                          "gflops": p["flops"]["inference"]["gflops"],
                          "train_step_gflops": p["flops"]["train_step"]["torch_gflops"],
                          "inference_ms": p["latency"]["inference_batch1"]["median_ms"],
                          "train_step_ms": p["latency"]["train_step"]["median_ms"],
-                         "train_memory_mb": mem.get("allocated_step_mb", mem.get("rss_step_mb", float("nan"))),
+                         "train_memory_mb": train_peak_mb(p),
                          "device": p["env"]["device_name"], "batch_size": batch_size})
     df = pd.DataFrame(rows)
     out = Path(out_dir)

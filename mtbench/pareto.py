@@ -65,7 +65,7 @@ def cost_points(results_dir: str | Path, dataset: str, reported: bool = False) -
     Raises:
         MtbenchError: nothing to plot (no result files and, with ``reported``, no reported rows).
     """
-    from mtbench.measure import memory_method
+    from mtbench.measure import memory_method, train_peak_mb
     from mtbench.report import build_table, load_reported, results_frame
     from mtbench.results import load_profile, profile_for_result
 
@@ -86,9 +86,7 @@ def cost_points(results_dir: str | Path, dataset: str, reported: bool = False) -
             path = profile_for_result(g["path"].iloc[0])
             if path is not None:
                 p = load_profile(path)
-                mem = p.get("memory", {}).get("train", {})
-                row.update(gflops=p["flops"]["inference"]["gflops"],
-                           memory_mb=mem.get("allocated_step_mb", mem.get("rss_step_mb", math.nan)),
+                row.update(gflops=p["flops"]["inference"]["gflops"], memory_mb=train_peak_mb(p),
                            latency_ms=p["latency"]["inference_batch1"]["median_ms"], memory_method=memory_method(p))
                 devices.add(f"{p['env']['device_name']} ({p['env']['device']}, {p['env']['threads']} threads)")
             rows.append(row)

@@ -291,31 +291,30 @@ def build_cost_table(results_dir: str | Path, dataset: str, device: str | None =
     a method without one. Memory is the training step's peak over the memory before it (RSS on CPU, allocated on
     CUDA), GFLOPs = 2 x fvcore GMACs of one image, latency the median of inference at batch 1. The ``profile`` column
     says "RSS incl. freed heap" for a CPU profile written before live-memory tracking
-    (:func:`mtbench.measure.memory_method` ``cpu-heap``), whose peak reads high; ``attrs["memory_methods"]`` lists
-    the memory methods of the profiles used.
+    (:func:`mtbench.measure.memory_method` ``cpu-heap``), whose peak reads high; ``attrs["warnings"]`` (as
+    :func:`build_table`'s) holds the one-line warning when CPU peaks of both kinds are compared.
 
     Raises:
         MtbenchError: no result files; an invalid profile file.
     """
-    from mtbench.measure import memory_method
+    from mtbench.measure import memory_method, mixed_memory_warning, train_peak_mb
     from mtbench.results import load_profile, profile_for_result
 
     table, _ = build_table(results_dir, dataset)
     df = results_frame(results_dir, dataset)
-    rows, methods = [], []
+    rows, memory_methods = [], []
     for label in table.index:
         g = df[df["label"] == label]
         path = profile_for_result(g["path"].iloc[0], device)
         row = {"Method": label, "#TP (M)": table.loc[label, "#TP (M)"]}
         if path is not None:
             p = load_profile(path)
-            mem = p.get("memory", {}).get("train", {})
-            row["train memory (MB)"] = mem.get("allocated_step_mb", mem.get("rss_step_mb", float("nan")))
+            row["train memory (MB)"] = train_peak_mb(p)
             row["time per batch (ms)"] = p["latency"]["train_step"]["median_ms"]
             row["GFLOPs"] = p["flops"]["inference"]["gflops"]
             row["latency (ms)"] = p["latency"]["inference_batch1"]["median_ms"]
-            methods.append(memory_method(p))
-            heap = ", RSS incl. freed heap" if methods[-1] == "cpu-heap" else ""
+            memory_methods.append(memory_method(p))
+            heap = ", RSS incl. freed heap" if memory_methods[-1] == "cpu-heap" else ""
             row["profile"] = f"{p['env']['device']}, batch {p['batch_size']}{heap}"
         else:
             row.update({"train memory (MB)": float("nan"), "time per batch (ms)": float("nan"),
@@ -324,7 +323,8 @@ def build_cost_table(results_dir: str | Path, dataset: str, device: str | None =
         rows.append(row)
     out = pd.DataFrame(rows).set_index("Method")[["#TP (M)", "train memory (MB)", "time per batch (ms)", "GFLOPs",
                                                    "latency (ms)", "Δm (%)", "profile"]]
-    out.attrs["memory_methods"] = methods
+    warning = mixed_memory_warning(memory_methods)
+    out.attrs["warnings"] = [warning] if warning else []
     return out
 
 
