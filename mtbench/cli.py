@@ -288,6 +288,13 @@ def _print_reported(kind: str) -> None:
                      shown, "Method (reported)")
 
 
+def _print_warnings(warnings) -> None:
+    """Print each one-line warning (None entries skipped) as the table and plot commands do."""
+    for w in warnings:
+        if w:
+            console.print(f"[yellow]warning[/yellow] {escape(w)}")
+
+
 @app.command()
 def table(
     dataset: str = typer.Option("synthetic", help="dataset whose results to tabulate"),
@@ -313,8 +320,7 @@ def table(
                          format_cost_table(tab))
             from mtbench.results import atomic_write_text
 
-            for w in tab.attrs.get("warnings", []):
-                console.print(f"[yellow]warning[/yellow] {escape(w)}")
+            _print_warnings(tab.attrs.get("warnings", []))
             md = format_cost_table(tab).to_markdown(disable_numparse=True)
             path = Path(out_dir) / f"cost_{dataset}.md"
             atomic_write_text(path, md + "\n")
@@ -332,8 +338,7 @@ def table(
 
             if noise_marks(tab):
                 console.print(NOISE_NOTE)
-            for w in tab.attrs.get("warnings", []):
-                console.print(f"[yellow]warning[/yellow] {escape(w)}")
+            _print_warnings(tab.attrs.get("warnings", []))
             for p in write_table(tab, out_dir, dataset, ref_source):
                 console.print(f"wrote {p}")
     except MtbenchError as e:
@@ -525,9 +530,8 @@ def plot(
         if a not in AXES:
             raise MtbenchError(f"unknown --x {a!r}; valid: {', '.join(AXES)}")
     points, device = cost_points(results_dir, dataset, reported=reported)
-    warning = mixed_memory_warning(points["memory_method"]) if "memory" in axes else None
-    if warning:
-        console.print(f"[yellow]warning[/yellow] {escape(warning)}")
+    if "memory" in axes:
+        _print_warnings([mixed_memory_warning(points["memory_method"])])
     for a in axes:
         try:
             paths = plot_cost(points, a, dataset, device, out_dir)
