@@ -532,6 +532,10 @@ def reset_peak_rss() -> bool:
         return False
 
 
+#: text of a CPU memory record's ``what`` when the resident set followed live allocations (:func:`peak_memory`)
+LIVE_MEMORY_MARK = "mtbench.cpu.track_live_memory"
+
+
 def peak_memory(fn: Callable[[], Any], device: torch.device) -> dict[str, Any]:
     """Peak memory of ``fn()`` on ``device``.
 
@@ -571,16 +575,12 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> dict[str, Any]:
     fn()
     peak = _proc_status_kb("VmHWM")
     live = (f"; glibc's mmap threshold fixed at {LIVE_MMAP_THRESHOLD // 1024} KiB, so the resident set follows live "
-            "allocations (mtbench.cpu.track_live_memory)") if APPLIED.get("live_memory") else ""
+            f"allocations ({LIVE_MEMORY_MARK})") if APPLIED.get("live_memory") else ""
     return {"rss_step_mb": (peak - before) / 1024 if ok else float("nan"), "rss_peak_mb": peak / 1024,
             "rss_before_mb": before / 1024,
             "what": ("Linux VmHWM (peak resident set of the process) after resetting it via /proc/self/clear_refs, "
                      "minus VmRSS just before the step (rss_step_mb), in a fresh process with the model built"
                      if ok else "Linux VmHWM of the whole process (clear_refs unavailable: includes start-up)") + live}
-
-
-#: text of a CPU memory record's ``what`` when the resident set followed live allocations (:func:`peak_memory`)
-LIVE_MEMORY_MARK = "mtbench.cpu.track_live_memory"
 
 
 def _train_memory(profile: dict[str, Any]) -> dict[str, Any]:
