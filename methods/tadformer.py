@@ -61,23 +61,6 @@ Paper vs released code (options; the paper form is the default):
    one stream is computed and every decoder receives it; without TPC and without filter (Table 2 "Baseline") the
    last block is an ordinary TS-LoRA block and every decoder receives the shared features.
 
-Parameter counts on Swin-T at 448, PASCAL-Context (4 tasks, MTLoRA decoder 1,946,624) = 1,946,624 + 70,656·r
-(LoRA) + 23,040 (LayerNorms) + 23,322 (rel-pos) + 4,896 (patch embedding) + 384 (prompts) + 387,072 (prompt
-upsampling) + 4 (gates) + 12·(9r² + 27r) (DTF) [+ 8,832 (12 official TPC LayerNorms)]:
-
-==================================  ============  ============  ============  ============================
-configuration                       r = 16        r = 32        r = 64        paper Table 1
-==================================  ============  ============  ============  ============================
-default (dtf, tpc=paper)            3,548,670     4,767,294     7,370,430     3.56 / 4.78 / 7.38
-dtf, tpc=official                   3,557,502     4,776,126     7,379,262     3.56 / 4.78 / 7.38 (exact)
-static, tpc=official (code)         3,532,350     4,670,526     6,946,878     (released code)
-==================================  ============  ============  ============  ============================
-
-The paper's Table 1 counts were taken on the official model, which carries 12 TPC LayerNorms (9 unused, 8,832
-parameters) with the DTF: ``tpc=official`` reproduces them exactly; the paper form has no LayerNorm and is 8,832
-lower (4.77M / 7.37M at r = 32 / 64 after rounding). Variant ``tadformer_official`` = ``filter=static,
-tpc=official, prompt_update=official, skip_layout=released``, the released code.
-
 5. ``skip_layout``: ``correct`` (paper) | ``released``: the released code stores the TPC skip feature channel-first
    ``[B*nW, C, N]`` (``models/lora.py`` around 620-628) and reads it back with ``.view(-1, ws, ws, C)`` instead of a
    transpose (``models/swin_transformer_tadformer.py`` around 472), scrambling channels and tokens before the stage
@@ -86,11 +69,16 @@ tpc=official, prompt_update=official, skip_layout=released``, the released code.
    input at ``proj`` are computed from the LoRA-dropout-applied attention output (one mask with the shared branch,
    :meth:`mtbench.lora.LoRALinear.split_forward`); the TA-modules' inputs at ``fc1``/``fc2`` get no dropout.
 
-Table 2 (r = 32, ``tpc=official``): Baseline (``prompts=false,dtf=false``) 4,258,874 (paper 4.26); +TPC+TP
-(``dtf=false``) 4,655,166 (4.66); +DTF (``prompts=false``) 4,379,834 (paper 4.40: the same terms that give the
-other rows exactly give 4.38 here; no consistent build gives 4.40); +TP+DTF (``use_tpc=false``) 4,776,122 (4.78,
-"same as TADFormer": the official TPC LayerNorms are built whenever prompts are, only the 4 gates go); full
-4,776,126 (4.78). In the paper form the rows with prompts are 8,832 lower.
+Variant ``tadformer_official`` = ``filter=static, tpc=official, prompt_update=official, skip_layout=released``,
+the released code.
+
+Parameter counts (Swin-T at 448, PASCAL-Context, MTLoRA decoder 1,946,624): 1,946,624 + 70,656·r (LoRA) + 23,040
+(LayerNorms) + 23,322 (rel-pos) + 4,896 (patch embedding) + 384 (prompts) + 387,072 (prompt upsampling) + 4 (gates)
++ 12·(9r² + 27r) (DTF) [+ 8,832 (12 official TPC LayerNorms, 9 unused)]. The paper counted the official model,
+LayerNorms included: ``tpc=official`` gives Table 1 and the Table 2 ablations exactly, except "+DTF", printed 4.40M,
+which the same terms put at 4.38M. The paper form has no TPC LayerNorm and is 8,832 lower. The exact count of every
+configuration, with the paper's number and its source, is in ``_PAPER_COUNTS`` below (``mtbench params --methods
+tadformer`` prints them; tests build each one).
 """
 
 from __future__ import annotations
@@ -275,7 +263,7 @@ class _GatedSum(torch.autograd.Function):
 
 _OFFICIAL_LN = "DTF on the official model (12 TPC LayerNorms, 9 unused)"
 _STATIC = "released code: per-task static 3x3 filter instead of the DTF"
-_SRC_T1 = [
+_PAPER_COUNTS = [
     *(PaperCount({"r": r, "tpc": "official"}, paper, _T1, exact=n, note=_OFFICIAL_LN)
       for r, paper, n in ((16, 3.56, 3_557_502), (32, 4.78, 4_776_126), (64, 7.38, 7_379_262))),
     *(PaperCount({"r": r}, paper, _T1, exact=n, note=_LN_NOTE + rounded) for r, paper, n, rounded in (
@@ -302,7 +290,7 @@ _SRC_T1 = [
             "Task Filter between LoRA down/up; gated skip; frozen PatchMerging + prompt upsampling",
     variants={"tadformer_official": {"filter": "static", "tpc": "official", "prompt_update": "official",
                                      "skip_layout": "released"}},
-    paper_counts=_SRC_T1,
+    paper_counts=_PAPER_COUNTS,
 )
 class TADFormer(MultiTaskModel):
     """TADFormer on a Swin backbone (module docstring). ``encode`` returns per-task features from the task streams.
