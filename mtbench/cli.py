@@ -574,11 +574,11 @@ def profile(
     from mtbench.measure import profile_methods, write_profile
     from mtbench.registry import resolve_spec
     from mtbench.results import profile_path
-    from mtbench.runner import DATASET_BACKBONE, resolve_device
+    from mtbench.datasets import get_dataset
+    from mtbench.runner import resolve_device
     from mtbench.cpu import configure_cpu
 
-    if dataset not in DATASET_BACKBONE:
-        raise MtbenchError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASET_BACKBONE)}")
+    get_dataset(dataset)  # an unknown dataset: MtbenchError naming the registered ones
     if rounds < 1:
         raise MtbenchError(f"--rounds must be >= 1, got {rounds}")
     if warmup < 0:
@@ -740,25 +740,25 @@ def train_memory_cmd(
     from mtbench.config import parse_method_specs
     from mtbench.measure import count_params, train_step_memory
     from mtbench.registry import build_model, resolve_spec
-    from mtbench.runner import DATASET_BACKBONE, resolve_device
+    from mtbench.datasets import get_dataset
+    from mtbench.runner import resolve_device
     from mtbench.cpu import configure_cpu
     from mtbench.swin import create_backbone
     from mtbench.tasks import resolve_tasks
 
-    if dataset not in DATASET_BACKBONE:
-        raise MtbenchError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASET_BACKBONE)}")
+    backbone_name = get_dataset(dataset).backbone  # MtbenchError naming the registered datasets
     if batch_size < 1:
         raise MtbenchError(f"--batch-size must be >= 1, got {batch_size}")
     specs = [resolve_spec(s) for s in parse_method_specs(methods)]
     dev = resolve_device(device)
     configure_cpu()
     task_specs = resolve_tasks(dataset)
-    t = Table(title=f"one training step, {DATASET_BACKBONE[dataset]}, batch {batch_size}, device {dev}",
+    t = Table(title=f"one training step, {backbone_name}, batch {batch_size}, device {dev}",
               title_justify="left")
     for c in ("method", "#TP", "saved for backward (MB)", "CUDA peak (MB)", "s/step"):
         t.add_column(c, justify="left" if c == "method" else "right")
     for rm in specs:
-        bb = create_backbone(DATASET_BACKBONE[dataset])
+        bb = create_backbone(backbone_name)
         model = build_model(rm, bb, task_specs).to(dev)
         images = torch.randn(batch_size, 3, *bb.img_size, device=dev)
         r = train_step_memory(model, images)

@@ -193,7 +193,7 @@ class _TupleOutput(nn.Module):
         return out
 
 
-def _compare(fv_by_op: dict[str, int], torch_by_op: dict[str, int], total_flops: float) -> list[dict[str, Any]]:
+def _compare(fv_by_op: dict[str, int], torch_by_op: dict[str, int]) -> list[dict[str, Any]]:
     fam_fv: dict[str, float] = {}
     fam_t: dict[str, float] = {}
     for op, macs in fv_by_op.items():
@@ -263,7 +263,7 @@ def count_flops(model: nn.Module, inputs: torch.Tensor | tuple, *, train: bool =
         model.train(was_training)
     fc_ = FlopCount(macs, by_op, skipped, t_total, t_by_op)
     if abs(fc_.rel_diff) > FLOP_TOLERANCE:
-        fc_.mismatch = _compare(by_op, t_by_op, 2 * macs)
+        fc_.mismatch = _compare(by_op, t_by_op)
     return fc_
 
 
@@ -367,15 +367,6 @@ class LatencyStats:
         return cls(med, float(np.percentile(a, 10)), float(np.percentile(a, 90)), len(a), items * 1e3 / med)
 
 
-def time_iterations(fn: Callable[[], Any], *, warmup: int, iters: int,
-                    sync: Callable[[], None]) -> LatencyStats:
-    """Run ``fn`` ``warmup`` times untimed, then ``iters`` times timed with :func:`time_once`."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    return LatencyStats.from_samples([time_once(fn, sync) for _ in range(iters)])
-
-
 def ratio_stats(samples: Sequence[float], reference: Sequence[float]) -> dict[str, float]:
     """Per-round ratios ``samples[i] / reference[i]`` (same round, so machine noise hits both alike):
     ``{"min", "median", "max"}``."""
@@ -446,15 +437,14 @@ class Workload:
         from mtbench.errors import MtbenchError
         from mtbench.losses import build_loss
         from mtbench.registry import build_model, resolve_spec
-        from mtbench.runner import DATASET_BACKBONE
+        from mtbench.datasets import get_dataset
         from mtbench.swin import create_backbone
         from mtbench.tasks import TaskSpec, resolve_tasks
         from mtbench.datasets import resolve_recipe
         from mtbench.encoder import check_activation_checkpoint
         from mtbench.train import build_optimizer
 
-        if dataset not in DATASET_BACKBONE:
-            raise MtbenchError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASET_BACKBONE)}")
+        backbone_name = get_dataset(dataset).backbone  # MtbenchError naming the registered datasets
         specs = parse_method_specs(spec)
         if len(specs) != 1:
             raise MtbenchError(f"one method expected, got {spec!r}")
@@ -464,7 +454,7 @@ class Workload:
         self.tasks = list(tasks) if tasks is not None else resolve_tasks(dataset)
         self.batch_size = batch_size
         torch.manual_seed(seed)
-        self.model = build_model(self.resolved, create_backbone(DATASET_BACKBONE[dataset]), self.tasks).to(self.device)
+        self.model = build_model(self.resolved, create_backbone(backbone_name), self.tasks).to(self.device)
         self.model.activation_checkpoint = check_activation_checkpoint(activation_checkpoint)
         self.img_size = tuple(self.model.img_size)
         g = torch.Generator().manual_seed(seed)

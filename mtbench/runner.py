@@ -44,15 +44,6 @@ EDGE_PROTOCOL = ("maxF is a pixel-exact proxy (no boundary tolerance, no NMS), n
                  "literature, which needs the external SEISM / BSDS tooling")
 
 
-def __getattr__(name: str):
-    """``DATASET_BACKBONE``: ``{dataset: backbone}`` derived from the dataset specs (kept for existing callers)."""
-    if name == "DATASET_BACKBONE":
-        from mtbench.datasets import dataset_names
-
-        return {n: get_dataset(n).backbone for n in dataset_names()}
-    raise AttributeError(name)
-
-
 @dataclass
 class RunRequest:
     """Everything ``mtbench run`` was asked for (CLI-independent)."""
@@ -430,5 +421,5 @@ def default_command() -> str:
 
 
 __all__ = ["RunRequest", "plan", "run_one", "execute", "build_datasets", "evaluation_protocol", "EVAL_RESOLUTIONS",
-           "DATASET_BACKBONE", "resolve_device", "default_command",
+           "resolve_device", "default_command",
            "load_trained", "save_checkpoint"]

@@ -128,6 +128,7 @@ def test_measured_row_shows_reported_twin_in_its_own_columns(tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["profile", "--methods", "nosuch"], "unknown method 'nosuch'"),
     (["profile", "--methods", "lora", "--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+    (["train-memory", "--methods", "lora", "--dataset", "imagenet"], "unknown dataset 'imagenet'"),
     (["profile", "--methods", "lora", "--rounds", "0"], "--rounds must be >= 1, got 0"),
     (["profile", "--methods", "lora", "--device", "tpu"], "unknown device 'tpu'"),
     (["profile", "--methods", "lora", "--scaling", "width"], "unknown --scaling 'width'"),
