@@ -53,10 +53,6 @@ class MethodConfig:
                 raise MtbenchError(f"{self.method_name}: {f.name} must be {accepted}, got {value}")
 
     @classmethod
-    def option_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
-    @classmethod
     def describe_options(cls) -> list[tuple[str, str, str]]:
         """``[(name, default, help)]`` for ``mtbench list``."""
         out = []
@@ -92,11 +88,6 @@ class MethodConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
-
-    def non_default(self) -> dict[str, Any]:
-        """Fields whose value differs from the class default."""
-        default = type(self)()
-        return {k: v for k, v in self.to_dict().items() if v != default.to_dict()[k]}
 
 
 _CHECKS = {"gt": lambda v, b: v > b, "ge": lambda v, b: v >= b, "lt": lambda v, b: v < b, "le": lambda v, b: v <= b}

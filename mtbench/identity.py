@@ -184,11 +184,6 @@ def setting_defaults(dataset: str) -> dict[str, Any]:
             "eval_protocol": "resized"}
 
 
-def format_option(v: Any) -> str:
-    """An option value as typed on the command line (tuples joined by ``+``, booleans lowercase)."""
-    return _fmt(v)
-
-
 def method_key(variant: str, departures: dict[str, str]) -> str:
     """The method part of a result's or profile's directory name: ``default``, or the variant name and the option
     departures from its preset (:func:`option_departures`) joined by ``_`` (``mtlora_plus_r=32``). An option given at

@@ -204,7 +204,3 @@ class MultiTaskModel(EncoderHooks, nn.Module):
             return preds
         return preds, {**self._encoder_aux, **aux}
 
-
-def nhwc_to_nchw(xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """``[B,H,W,C]`` maps to contiguous ``[B,C,H,W]``."""
-    return [x.permute(0, 3, 1, 2).contiguous() for x in xs]

@@ -533,8 +533,7 @@ def render_sample(seed: int, split: str, index: int, img_size: int = 64) -> dict
         raise MtbenchError(f"unknown synthetic split {split!r}; valid: {', '.join(SPLITS)}")
     rng = np.random.default_rng([int(seed), _SPLIT_CODE[split], int(index)])
     sc = _sample_scene(rng)
-    S, ss = int(img_size), 2
-    nc = S * S
+    S = int(img_size)
     O = sc.cam[:, None]
 
     # --- labels: one ray through each pixel centre
