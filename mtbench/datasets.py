@@ -142,6 +142,10 @@ class DatasetSpec:
 
 _DATASETS: dict[str, DatasetSpec] = {}
 _LOADED = False
+#: The built-in datasets, in the order every listing shows them (any other dataset follows, as registered), and
+#: their modules in ``mtbench/data/``.
+_BUILTINS = ("synthetic", "pascal_context", "nyud")
+_BUILTIN_MODULES = ("synthetic", "pascal", "nyud")
 
 
 def register_dataset(spec: DatasetSpec) -> DatasetSpec:
@@ -171,7 +175,7 @@ def _load() -> None:
     _LOADED = True
     import mtbench.data as pkg
 
-    for name in ("synthetic", "pascal", "nyud"):  # built-ins first, in this order
+    for name in _BUILTIN_MODULES:
         importlib.import_module(f"mtbench.data.{name}")
     for mod in pkgutil.iter_modules(pkg.__path__):
         if not mod.name.startswith("_"):
@@ -184,16 +188,16 @@ def get_dataset(name: str) -> DatasetSpec:
     Raises:
         MtbenchError: unknown dataset (the message lists the registered ones).
     """
-    _load()
-    if name not in _DATASETS:
-        raise MtbenchError(f"unknown dataset {name!r}; valid: {', '.join(_DATASETS)}")
+    if name not in dataset_names():
+        raise MtbenchError(f"unknown dataset {name!r}; valid: {', '.join(dataset_names())}")
     return _DATASETS[name]
 
 
 def dataset_names() -> tuple[str, ...]:
-    """Every registered dataset name, in registration order."""
+    """Every registered dataset name: the built-ins (``synthetic``, ``pascal_context``, ``nyud``), then the others in
+    registration order, whichever module a process happened to import first."""
     _load()
-    return tuple(_DATASETS)
+    return tuple(sorted(_DATASETS, key=lambda n: _BUILTINS.index(n) if n in _BUILTINS else len(_BUILTINS)))
 
 
 def resolve_recipe(dataset: str, preset: str | None = None, *, epochs: int | None = None,

@@ -50,7 +50,6 @@ __all__ = [
     "delta_m",
     "primary_metrics",
     "primary_higher_is_better",
-    "SINGLE_TASK_REFERENCES",
     "SAL_THRESHOLDS",
     "EDGE_THRESHOLDS",
 ]
@@ -59,16 +58,6 @@ __all__ = [
 SAL_THRESHOLDS = tuple(float(v) for v in torch.linspace(0.2, 0.9, 15, dtype=torch.float64))
 #: Edge binarisation thresholds on sigmoid probabilities for the proxy F-measure.
 EDGE_THRESHOLDS = tuple(float(v) for v in torch.linspace(0.05, 0.95, 19, dtype=torch.float64))
-
-def __getattr__(name: str):
-    """``SINGLE_TASK_REFERENCES``: ``{dataset: {task: reference}}`` from the dataset specs
-    (:attr:`mtbench.datasets.DatasetSpec.references`, each with its source), kept for existing callers."""
-    if name == "SINGLE_TASK_REFERENCES":
-        from mtbench.datasets import dataset_names, get_dataset
-
-        return {n: dict(get_dataset(n).references) for n in dataset_names() if get_dataset(n).references}
-    raise AttributeError(name)
-
 
 _NAN = float("nan")
 #: Depth predictions are clamped to this many metres before every depth error (MTLoRA ``eval_depth.py``).
@@ -687,7 +676,8 @@ def delta_m(mt: Mapping[str, float], st: Mapping[str, float], higher_is_better: 
     Maninis et al. (ASTMT, CVPR 2019); MTLoRA's ``evaluation/evaluate_utils.py::calculate_multi_task_performance``
     (never called there) has the same form without the factor 100.
 
-    Worked example (PASCAL-Context, references of :data:`SINGLE_TASK_REFERENCES`; MTLoRA issue #6 results)::
+    Worked example (PASCAL-Context, the references of its dataset spec,
+    ``mtbench.datasets.get_dataset('pascal_context').references``; MTLoRA issue #6 results)::
 
         semseg       (68.38 - 67.21) / 67.21 = +1.741 %   (higher is better)
         human_parts  (59.58 - 61.93) / 61.93 = -3.795 %   (higher is better)

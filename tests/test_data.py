@@ -8,7 +8,7 @@ import scipy.io
 import torch
 from PIL import Image
 
-from mtbench.data import DATASET_IMG_SIZE, build_dataset
+from mtbench.data import build_dataset
 from mtbench.data.nyud import NYUDMT
 from mtbench.data.pascal import PascalMT, decode_human_parts
 from mtbench.data.synthetic import (
@@ -24,6 +24,7 @@ from mtbench.data.synthetic import (
     upstream_targets,
 )
 from mtbench.data.transforms import hflip_sample, resize_normals
+from mtbench.datasets import dataset_names, get_dataset
 from mtbench.errors import MtbenchError
 from mtbench.tasks import IGNORE_INDEX, dataset_task_table
 
@@ -229,7 +230,8 @@ def test_save_preview(tmp_path):
 
 
 def test_build_dataset(tmp_path):
-    assert DATASET_IMG_SIZE == {"synthetic": 64, "pascal_context": 448, "nyud": 448}
+    sizes = {n: get_dataset(n).img_size for n in dataset_names()}
+    assert sizes == {"synthetic": 64, "pascal_context": 448, "nyud": 448}
     ds = build_dataset("synthetic", "val", root=tmp_path, img_size=16, n=3)
     assert len(ds) == 3 and ds[0]["image"].shape == (3, 16, 16)
     with pytest.raises(MtbenchError, match="synthetic, pascal_context, nyud"):

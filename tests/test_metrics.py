@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
+from mtbench.datasets import get_dataset
 from mtbench.errors import MtbenchError
 from mtbench.metrics import (
-    SINGLE_TASK_REFERENCES,
     DepthMetric,
     EdgeMetric,
     MultiTaskMetrics,
@@ -303,7 +303,7 @@ def test_multitask_metrics_update_compute_reset():
 
 
 def test_delta_m_worked_example():
-    st = SINGLE_TASK_REFERENCES["pascal_context"]
+    st = get_dataset("pascal_context").references
     mt = {"semseg": 68.38, "human_parts": 59.58, "sal": 63.85, "normals": 16.76}
     hib = primary_higher_is_better(mt)
     assert hib == {"semseg": True, "human_parts": True, "sal": True, "normals": False}

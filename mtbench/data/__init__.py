@@ -123,19 +123,3 @@ def raise_batch_error(batch) -> None:
     """
     if isinstance(batch, dict) and BATCH_ERROR_KEY in batch:
         raise MtbenchError(f"cannot load data: {batch[BATCH_ERROR_KEY]}")
-
-
-def __getattr__(name: str):
-    """Views derived from the registered dataset specs (kept for existing callers)."""
-    from mtbench.datasets import dataset_names, get_dataset
-
-    if name == "DATASET_IMG_SIZE":
-        return {n: get_dataset(n).img_size for n in dataset_names()}
-    if name == "DATASET_NAMES":
-        return dataset_names()
-    if name == "DATASET_SPLITS":
-        return {n: get_dataset(n).splits for n in dataset_names()}
-    raise AttributeError(name)
-
-
-__all__ = ["build_dataset", "SafeDataset", "safe_collate", "raise_batch_error", "BATCH_ERROR_KEY"]
