@@ -624,7 +624,7 @@ def profile(
             "train GFLOPs (torch fwd+bwd)", "train mem MB", "infer mem MB", "infer ms b=1 med [p10-p90]",
             "infer img/s", f"train ms/step b={batch_size}", "train img/s"]
     if compare_to:
-        cols += ["infer time ratio", "train time ratio", "train mem ratio"]
+        cols += ["infer time ratio", "infer FLOP ratio", "train time ratio", "train FLOP ratio", "train mem ratio"]
     for c in cols:
         t.add_column(c, justify="left" if c == "Method" else "right")
     for p in profiles:
@@ -638,15 +638,17 @@ def profile(
                f"{lt['median_ms']:.0f} [{lt['p10_ms']:.0f}-{lt['p90_ms']:.0f}]", f"{lt['items_per_s']:.2f}"]
         if compare_to:
             r = p["ratios"]
-            row += [_fmt_ratio(r["inference_time"]), _fmt_ratio(r["train_time"]),
-                    f"{r['train_memory']:.2f}" if "train_memory" in r else "-"]
+            row += [_fmt_ratio(r["inference_time"]), f"{r['inference_flops']:.3f}", _fmt_ratio(r["train_time"]),
+                    f"{r['train_flops']:.3f}", f"{r['train_memory']:.2f}" if "train_memory" in r else "-"]
         t.add_row(*row)
     console.print(t)
     if profiles[0].get("memory"):
         console.print(f"[dim]memory: {escape(profiles[0]['memory']['train']['what'])}[/dim]")
     if compare_to:
-        console.print(f"[dim]ratios to {escape(compare_to)}: median \\[min-max] over {rounds} interleaved rounds "
-                      "(round-robin over methods in one process); memory: ratio of the fresh-process step peaks[/dim]")
+        console.print(f"[dim]ratios to {escape(compare_to)}: time median \\[min-max] over {rounds} interleaved "
+                      "rounds (round-robin over methods in one process); FLOPs: torch's counts per image (a time "
+                      "ratio below the FLOP ratio needs more FLOP/s than the reference gets); memory: ratio of the "
+                      "fresh-process step peaks[/dim]")
     for p in profiles:
         fi = p["flops"]["inference"]
         skipped = ", ".join(f"{k.replace('aten::', '')} x{v}" for k, v in fi["skipped"].items()) or "none"

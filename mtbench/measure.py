@@ -832,9 +832,16 @@ def profile_methods(specs: Sequence[str], dataset: str = "pascal_context", *, ba
                                    "without getrusage)"}
         if compare_to is not None:
             ref = compare_to
+            ref_flops = profiles[labels.index(ref)]["flops"]
             prof["ratios"] = {"reference": ref,
                               "inference_time": ratio_stats(inf_ms[w.label], inf_ms[ref]),
-                              "train_time": ratio_stats(tr_ms[w.label], tr_ms[ref])}
+                              "train_time": ratio_stats(tr_ms[w.label], tr_ms[ref]),
+                              # the arithmetic beside the time: a time ratio under its FLOP ratio needs the method
+                              # to run its FLOPs faster than the reference runs its own (torch's counts, per image)
+                              "inference_flops": (prof["flops"]["inference"]["torch_gflops"]
+                                                  / ref_flops["inference"]["torch_gflops"]),
+                              "train_flops": (prof["flops"]["train_step"]["torch_gflops"]
+                                              / ref_flops["train_step"]["torch_gflops"])}
             if memory:
                 ref_prof = profiles[labels.index(ref)]
                 key = "allocated_step_mb" if device.type == "cuda" else "rss_step_mb"

@@ -84,7 +84,8 @@ def test_profile_counts_inference_as_evaluated_and_the_train_step_unmerged():
     from mtbench.lora import LoRALinear
     from mtbench.measure import Workload, profile_methods
 
-    full, lora = profile_methods(["mtl_full", "lora"], "synthetic", batch_size=2, rounds=1, warmup=0, memory=False)
+    full, lora = profile_methods(["mtl_full", "lora"], "synthetic", batch_size=2, rounds=1, warmup=0, memory=False,
+                                 compare_to="mtl_full")
     inf_full, inf_lora = full["flops"]["inference"], lora["flops"]["inference"]
     n_lora = sum(isinstance(m, LoRALinear) for m in Workload("lora", "synthetic", 2, "cpu").model.modules())
     assert inf_full["merged_lora_layers"] == 0 and inf_lora["merged_lora_layers"] == n_lora > 0
@@ -93,6 +94,11 @@ def test_profile_counts_inference_as_evaluated_and_the_train_step_unmerged():
     assert st_full["forward_torch_gflops"] == pytest.approx(inf_full["torch_gflops"], rel=1e-9)
     assert st_lora["forward_torch_gflops"] > inf_lora["torch_gflops"]
     assert st_lora["backward_torch_gflops"] < st_full["backward_torch_gflops"]
+    r_full, r_lora = full["ratios"], lora["ratios"]
+    assert r_full["inference_flops"] == r_full["train_flops"] == 1.0 and r_full["train_time"]["median"] == 1.0
+    assert r_lora["inference_flops"] == pytest.approx(inf_lora["torch_gflops"] / inf_full["torch_gflops"], rel=1e-12)
+    assert r_lora["train_flops"] == pytest.approx(st_lora["torch_gflops"] / st_full["torch_gflops"], rel=1e-12)
+    assert r_lora["train_flops"] < 1.0  # frozen weights: no weight gradients
     faults = lora["latency"]["minor_page_faults"]  # one count per timed call (Linux CI has getrusage)
     assert [len(faults["inference"]), len(faults["train"])] == [1, 1]
     assert all(isinstance(n, int) and n >= 0 for n in faults["inference"] + faults["train"])
