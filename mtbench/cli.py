@@ -557,8 +557,8 @@ def profile(
     rounds: int = typer.Option(3, help="timed round-robin rounds (each times every method once)"),
     warmup: int = typer.Option(2, help="untimed round-robin warm-up rounds (each runs every method once) before "
                                        "the timed rounds"),
-    compare_to: Optional[str] = typer.Option(None, help="give time and memory as ratios to this method, e.g. "
-                                             "mtl_full (it must be among --methods)"),
+    compare_to: Optional[str] = typer.Option(None, help="give time, FLOPs and memory as ratios to this "
+                                             "method, e.g. mtl_full (it must be among --methods)"),
     scaling: Optional[str] = typer.Option(None, help="'tasks': repeat the measurement with T = 1..--max-tasks "
                                           "tasks, write a CSV and a plot"),
     max_tasks: int = typer.Option(8, help="largest T of --scaling tasks"),
