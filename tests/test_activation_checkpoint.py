@@ -65,7 +65,12 @@ def test_task_mode_checkpoints_only_the_blocks_with_several_streams():
     assert shared_task == shared_none
 
 
-def test_eval_and_no_grad_never_checkpoint():
+def test_eval_and_no_grad_never_checkpoint(monkeypatch):
+    import mtbench.encoder
+
+    calls = []
+    real = mtbench.encoder.checkpoint
+    monkeypatch.setattr(mtbench.encoder, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     torch.manual_seed(0)
     model = build_model(resolve_spec(parse_method_specs("mtlora")[0]), create_backbone("swin_embedded"), TASKS)
     model.eval()
@@ -75,6 +80,14 @@ def test_eval_and_no_grad_never_checkpoint():
         model.activation_checkpoint = "all"
         out = model(x)
     assert all(torch.equal(ref[k], out[k]) for k in ref)
+    model(x)  # eval mode with gradients on
+    assert calls == []
+    model.train()
+    with torch.no_grad():
+        model(x)
+    assert calls == []
+    model(x)  # training with gradients: every block is checkpointed
+    assert len(calls) == sum(model.backbone.depths)
 
 
 @pytest.mark.parametrize("cmd", [["run", "--methods", "mtlora", "--activation-checkpoint", "sometimes"],

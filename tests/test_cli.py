@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-
-def mtbench(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mtbench.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=900)
+from cli_entry import mtbench
 
 
 def files_under(path: Path) -> list[Path]:

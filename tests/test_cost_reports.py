@@ -5,19 +5,14 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_entry import mtbench
 
 from mtbench.pareto import pareto_front
 
 REFERENCE = Path(__file__).parents[1] / "results" / "reference"
-
-
-def mtbench(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mtbench.cli", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_pareto_front_known_points():
@@ -166,9 +161,10 @@ def test_cost_table_and_plot_warn_when_cpu_peaks_of_both_kinds_are_compared(resu
     comparison mixed: `table --kind cost` marks the old row and both commands warn. With one kind, no warning."""
     from mtbench.measure import LIVE_MEMORY_MARK
 
-    plain = " ".join(mtbench("table", "--kind", "cost", "--results-dir", str(results_with_profile),
-                             "--out-dir", str(tmp_path / "a")).stdout.split())
-    assert "predate" not in plain
+    res = mtbench("table", "--kind", "cost", "--results-dir", str(results_with_profile), "--out-dir", str(tmp_path / "a"))
+    assert res.returncode == 0, res.stderr
+    plain = " ".join(res.stdout.split())
+    assert "lora" in plain and "predate" not in plain
 
     root = tmp_path / "res"
     shutil.copytree(results_with_profile, root)

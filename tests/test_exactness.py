@@ -156,6 +156,8 @@ def test_released_skip_layout_scrambles_within_windows():
             feats = model.encode(x)
         outs[layout] = feats["semseg"][3]  # last stage: no PatchMerging after it, skip reaches the tap directly
     a, b = outs["correct"], outs["released"]
+    # one image, and the last stage's 2x2 map is one 2x2 window: the values of the whole tap are one window's
+    assert a.shape[0] == 1 and tuple(a.shape[2:]) == tuple(model.backbone.blocks(3)[-1].window_size) == (2, 2)
     assert not torch.allclose(a, b)
     assert torch.allclose(a.flatten().sort().values, b.flatten().sort().values, atol=1e-6)
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_entry import mtbench
 
 from mtbench.identity import identity_of, make_identity
 from mtbench.results import RunResult, load_results
@@ -131,8 +130,7 @@ def test_full_and_smoke_runs_of_one_method_get_two_rows(tmp_path):
     stored = json.loads(written[-1].read_text())
     assert stored["identity"]["overrides"] == {"epochs": 1, "batch_size": 8, "train_size": 16,
                                                "max_train_batches": 2}
-    res = subprocess.run([sys.executable, "-m", "mtbench.cli", "table", "--results-dir", str(results), "--out-dir",
-                          str(tmp_path / "reports")], capture_output=True, text=True, timeout=300)
+    res = mtbench("table", "--results-dir", str(results), "--out-dir", str(tmp_path / "reports"), timeout=300)
     assert res.returncode == 0, res.stderr
     rows = [ln for ln in res.stdout.splitlines() if "decoder_only" in ln and "│" in ln]
     assert len(rows) == 2, res.stdout
@@ -148,8 +146,7 @@ def test_full_and_smoke_runs_of_one_method_get_two_rows(tmp_path):
 
 @pytest.mark.parametrize("bad", ["0", "-3"])
 def test_bad_train_size_is_one_line_error(tmp_path, bad):
-    res = subprocess.run([sys.executable, "-m", "mtbench.cli", "run", "--methods", "lora", "--train-size", bad,
-                          "--results-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    res = mtbench("run", "--methods", "lora", "--train-size", bad, "--results-dir", str(tmp_path), timeout=120)
     assert res.returncode == 2 and res.stderr.startswith("error: --train-size must be >= 1") and \
         len(res.stderr.strip().splitlines()) == 1
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cli_entry import mtbench
 
 from mtbench.decoders import resolve_decoder
 from mtbench.errors import MtbenchError
@@ -88,10 +89,7 @@ def test_registry_names():
 
 
 def _cli(*args):
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-m", "mtbench.cli", *args], capture_output=True, text=True, timeout=600)
+    return mtbench(*args, timeout=600)
 
 
 def test_interaction_cost_command_writes_json_and_plot(tmp_path):

@@ -16,7 +16,14 @@ def test_embedded_weights_are_packaged_and_load():
     with safe_open(str(EMBEDDED_WEIGHTS), "pt") as f:
         meta = f.metadata()
     assert "upstream" in meta["objective"] and meta["command"].startswith("mtbench pretrain")
-    pre = create_backbone("swin_embedded", pretrained=True)
+    from safetensors.torch import load_file
+
+    stored = list(load_file(str(EMBEDDED_WEIGHTS)).values())  # Microsoft key layout, mapped by timm on load
+    for seed in (0, 1):  # the loaded values do not depend on the random init they replace
+        torch.manual_seed(seed)
+        pre = create_backbone("swin_embedded", pretrained=True)
+        for name, p in pre.named_parameters():
+            assert any(t.shape == p.shape and torch.equal(t, p) for t in stored), f"{name} is not the packaged tensor"
     rnd = create_backbone("swin_embedded", pretrained=False)
     p_pre = dict(pre.named_parameters())
     assert any(not torch.equal(p, p_pre[n]) for n, p in rnd.named_parameters())

@@ -7,27 +7,22 @@ The miniature PASCAL_MT / NYUD_MT folders (exact on-disk formats) come from the 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from cli_entry import mtbench
 from test_data import H, W, _png, nyud_root, pascal_root  # noqa: F401  (fixtures)
 
 from mtbench.data import build_dataset
 from mtbench.data.check import check_dataset
 from mtbench.data.nyud import SCALE_ROTATE as NYUD_SR
-from mtbench.data.pascal import NORMALS_CLASSES_FILE, SCALE_ROTATE as PASCAL_SR, PascalMT, normals_valid_classes
+from mtbench.data.pascal import NORMALS_CLASSES_FILE, PascalMT, normals_valid_classes
+from mtbench.data.pascal import SCALE_ROTATE as PASCAL_SR
 from mtbench.data.transforms import label_edges, scale_rotate
 from mtbench.datasets import dataset_names, get_dataset, resolve_recipe
 from mtbench.errors import MtbenchError
 from mtbench.tasks import IGNORE_INDEX, TASK_KINDS, resolve_tasks
-
-
-def mtbench(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mtbench.cli", *args], capture_output=True, text=True, timeout=900)
-
 
 # ------------------------------------------------------------------------------------------------ ScaleNRotate
 

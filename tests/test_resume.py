@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 import torch
+from cli_entry import mtbench
 from torch.utils.data import Subset
 
 from mtbench.checkpoint import Interrupted, RunCheckpoint, capture_rng, restore_rng
@@ -60,10 +61,9 @@ def test_rng_states_round_trip():
 
 
 def _tiny_setup():
-    from mtbench.data import build_dataset
-    from mtbench.registry import build_model, resolve
     from mtbench.config import MethodSpec
-    from mtbench.registry import resolve_spec
+    from mtbench.data import build_dataset
+    from mtbench.registry import build_model, resolve, resolve_spec
     from mtbench.swin import create_backbone
     from mtbench.tasks import resolve_tasks
 
@@ -197,11 +197,6 @@ def test_two_processes_writing_one_results_directory_lose_nothing(tmp_path):
     for tag in ("a", "b"):
         own = list((tmp_path / "synthetic" / tag).glob("seed*.json"))
         assert len(own) == 200
-
-
-def mtbench(*args, cwd=None, timeout=600):
-    return subprocess.run([sys.executable, "-m", "mtbench.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=timeout)
 
 
 @pytest.mark.parametrize("args,message", [

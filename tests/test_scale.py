@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_entry import SCRIPT
+from cli_entry import mtbench as run_mtbench
 
 TINY = ["--methods", "decoder_only", "--epochs", "1", "--max-train-batches", "2", "--batch-size", "8",
         "--train-size", "16", "--device", "cpu"]
@@ -22,8 +24,7 @@ def env1():
 
 
 def mtbench(*args, timeout=900):
-    return subprocess.run([sys.executable, "-m", "mtbench.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env1())
+    return run_mtbench(*args, timeout=timeout, env=env1())
 
 
 def only_result(root: Path) -> Path:
@@ -87,7 +88,7 @@ def test_jobs_two_processes_one_results_directory(tmp_path):
 def test_ctrl_c_writes_a_checkpoint_and_the_same_command_resumes(tmp_path):
     args = ["run", "--methods", "decoder_only", "--epochs", "2", "--batch-size", "8", "--train-size", "48",
             "--device", "cpu", "--results-dir", str(tmp_path)]
-    proc = subprocess.Popen([sys.executable, "-m", "mtbench.cli", *args], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env1())
     deadline = time.time() + 600
     while time.time() < deadline and not list(tmp_path.rglob("seed0.status.json")):

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cli_entry import mtbench
 
+from methods.tdss import TDSA, SkillGate
 from mtbench.config import MethodSpec
 from mtbench.measure import count_params
 from mtbench.registry import build_model, resolve_spec
 from mtbench.swin import create_backbone
 from mtbench.tasks import resolve_tasks
-
-from methods.tdss import TDSA, SkillGate
 
 
 def _build(opts=None, tasks=None, decoder=None):
@@ -125,10 +125,6 @@ def test_other_decoder_replaces_tsai():
 
 @pytest.mark.slow
 def test_params_command_shows_tdss_beside_the_paper():
-    import subprocess
-    import sys
-
-    res = subprocess.run([sys.executable, "-m", "mtbench.cli", "params", "--methods", "tdss"], capture_output=True,
-                         text=True, timeout=600)
+    res = mtbench("params", "--methods", "tdss", timeout=600)
     assert res.returncode == 0, res.stderr
     assert "3,316,224" in res.stdout and "3.52" in res.stdout and "decoder tsai" in res.stdout
