@@ -98,9 +98,15 @@ def test_prompts_in_windows_shapes_and_masking():
     out = window_attention(block.attn, windows, block.attn_mask, prompts, return_prompt_maps=True)
     assert out.values.shape == (2 * ctx.num_windows, 4 + 16, 32)
     assert out.prompt_probs.shape == (2 * ctx.num_windows, 1, 4, 16)
-    # prompt rows see every patch of their window unmasked: probabilities over patch columns sum to < 1 (the
-    # prompt columns take the rest) and are strictly positive
-    assert (out.prompt_probs > 0).all() and (out.prompt_probs.sum(-1) < 1).all()
+    # prompt rows see every token of their window, with no shift mask and no rel-pos bias: by hand, softmax over the
+    # window's prompt and patch columns of q·k * scale, its image's prompts in front of every window
+    tokens = torch.cat([prompts.repeat_interleave(ctx.num_windows, dim=0), windows], dim=1)
+    heads = block.attn.num_heads
+    q, k, _ = block.attn.qkv(tokens).reshape(tokens.shape[0], 20, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    ref = torch.softmax(q @ k.transpose(-2, -1) * block.attn.scale, dim=-1)[:, :, :4, 4:]
+    assert block.attn_mask is not None and (block.attn_mask < 0).any()  # a shifted block: the patches are masked
+    assert torch.allclose(out.prompt_probs, ref, atol=1e-6)
+    assert (out.prompt_probs.sum(-1) < 1).all()  # the prompt columns take the rest
 
 
 def test_lora_linear_identity_at_init_and_task_branches():

@@ -161,7 +161,8 @@ def test_cost_table_and_plot_warn_when_cpu_peaks_of_both_kinds_are_compared(resu
     comparison mixed: `table --kind cost` marks the old row and both commands warn. With one kind, no warning."""
     from mtbench.measure import LIVE_MEMORY_MARK
 
-    res = mtbench("table", "--kind", "cost", "--results-dir", str(results_with_profile), "--out-dir", str(tmp_path / "a"))
+    res = mtbench("table", "--kind", "cost", "--results-dir", str(results_with_profile),
+                  "--out-dir", str(tmp_path / "a"))
     assert res.returncode == 0, res.stderr
     plain = " ".join(res.stdout.split())
     assert "lora" in plain and "predate" not in plain

@@ -13,6 +13,7 @@ from torch import nn
 
 from mtbench import measure
 from mtbench.decoders import HRNetHead
+from mtbench.errors import MtbenchError
 from mtbench.measure import LatencyStats, count_flops, peak_memory, sdpa_macs, synchronizer, time_once
 
 
@@ -247,20 +248,23 @@ def test_scaled_tasks_repeat_the_dataset_kinds():
     base = [t.name for t in resolve_tasks("synthetic")]
     names = [t.name for t in measure.scaled_tasks("synthetic", 6)]
     assert names[:len(base)] == base and names[len(base):] == [f"{n}#2" for n in base[:6 - len(base)]]
-    with pytest.raises(Exception, match="must be >= 1"):
+    with pytest.raises(MtbenchError, match="number of tasks must be >= 1, got 0"):
         measure.scaled_tasks("synthetic", 0)
 
 
 def test_decoder_flops_grow_with_the_number_of_tasks():
     """Each extra task adds one decoder head: the count grows with T, by the same head cost for a repeated kind."""
-    counts = []
+    counts, works = [], []
     for n in (1, 5):
-        w = measure.Workload("decoder_only", "synthetic", 1, "cpu", tasks=measure.scaled_tasks("synthetic", n))
-        counts.append(count_flops(w.model, w.image1).macs)
-    w1 = measure.Workload("decoder_only", "synthetic", 1, "cpu", tasks=measure.scaled_tasks("synthetic", 1))
-    head = count_flops(w1.model.decoders["semseg"], ([torch.randn(1, c, s, s) for c, s in
-                                                      zip(w1.model.backbone.feature_dims, (8, 4, 2, 2))], (64, 64)))
-    assert counts[1] - counts[0] >= head.macs > 0
+        tasks = measure.scaled_tasks("synthetic", n)
+        works.append(measure.Workload("decoder_only", "synthetic", 1, "cpu", tasks=tasks))
+        counts.append(count_flops(works[-1].model, works[-1].image1).macs)
+    w5 = works[1]
+    feats = [torch.randn(1, c, s, s) for c, s in zip(w5.model.backbone.feature_dims, (8, 4, 2, 2))]
+    head = {t: count_flops(w5.model.decoders[t], (feats, (64, 64))).macs for t in w5.model.task_names}
+    assert w5.model.task_names == ["semseg", "human_parts", "sal", "normals", "semseg#2"]
+    assert head["semseg#2"] == head["semseg"] > 0  # a repeated kind costs its kind's head
+    assert counts[1] - counts[0] == sum(head[t] for t in w5.model.task_names[1:])  # one head per added task
 
 
 def test_benchmark_ops_times_every_operator_call():
