@@ -86,7 +86,10 @@ def _int_list(text: str | None, flag: str) -> list[int] | None:
     if text is None:
         return None
     try:
-        values = [int(x) for x in text.split(",") if x.strip()]
+        items = text.split(",")
+        if len(items) > 1 and not all(x.strip() for x in items):
+            raise ValueError
+        values = [int(x) for x in items if x.strip()]
     except ValueError:
         raise MtbenchError(f"{flag} {text!r} is not a comma-separated list of integers, e.g. 0,1,2") from None
     if not values:
@@ -212,6 +215,8 @@ def eval_cmd(
 
     if split not in ("test", "val"):
         raise MtbenchError(f"unknown --split {split!r}; valid: test, val")
+    if batch_size < 1:
+        raise MtbenchError(f"--batch-size must be >= 1, got {batch_size}")
     report = evaluate_result(result, split=split, data_root=data_root, state=state, device=device,
                              batch_size=batch_size)
     t = Table(title=escape(f"{report.label}, {split} split ({report.n_images} images)"), title_justify="left")
@@ -310,8 +315,11 @@ def table(
         add_reported_columns, build_cost_table, build_table, format_cost_table, format_table, write_table,
     )
 
+    from mtbench.results import check_output_dir
+
     if kind not in ("paper", "cost"):
         raise MtbenchError(f"unknown --kind {kind!r}; valid: paper, cost")
+    check_output_dir(out_dir, "--out-dir")
     try:
         if kind == "cost":
             tab = build_cost_table(results_dir, dataset)
@@ -435,6 +443,10 @@ def pretrain(
     from mtbench.runner import resolve_device
     from mtbench.cpu import configure_cpu
 
+    if epochs < 1:
+        raise MtbenchError(f"--epochs must be >= 1, got {epochs}")
+    if out and (Path(out).is_dir() or any(p.exists() and not p.is_dir() for p in Path(out).parents)):
+        raise MtbenchError(f"--out {out!r} is not a file path that can be written (a directory, or under a file)")
     configure_cpu()
     path, summary = pretrain_embedded(epochs=epochs, out=out or None, seed=seed, device=resolve_device(device),
                                       log=console.print)
@@ -524,11 +536,13 @@ def plot(
     """Draw Δm against #TP, GFLOPs, training memory and latency with the Pareto front (PNG and PDF)."""
     from mtbench.measure import mixed_memory_warning
     from mtbench.pareto import AXES, cost_points, plot_cost
+    from mtbench.results import check_output_dir
 
     axes = list(AXES) if x is None else [x]
     for a in axes:
         if a not in AXES:
             raise MtbenchError(f"unknown --x {a!r}; valid: {', '.join(AXES)}")
+    check_output_dir(out_dir, "--out-dir")
     points, device = cost_points(results_dir, dataset, reported=reported)
     if "memory" in axes:
         _print_warnings([mixed_memory_warning(points["memory_method"])])
@@ -573,12 +587,13 @@ def profile(
     from mtbench.config import parse_method_specs
     from mtbench.measure import profile_methods, write_profile
     from mtbench.registry import resolve_spec
-    from mtbench.results import profile_path
+    from mtbench.results import check_output_dir, profile_path
     from mtbench.datasets import get_dataset
     from mtbench.runner import resolve_device
     from mtbench.cpu import configure_cpu
 
     get_dataset(dataset)  # an unknown dataset: MtbenchError naming the registered ones
+    check_output_dir(results_dir, "--results-dir")
     if rounds < 1:
         raise MtbenchError(f"--rounds must be >= 1, got {rounds}")
     if warmup < 0:

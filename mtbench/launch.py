@@ -103,7 +103,7 @@ def sweep_status(results_dir: str | Path, sweep: str | None = None) -> tuple[Pat
     """The runs of a sweep (the newest under ``results_dir`` unless ``sweep`` names a file) with their state.
 
     Raises:
-        MtbenchError: no sweep recorded, or the named file does not exist.
+        MtbenchError: no sweep recorded, or the named file does not exist or is not a sweep file.
     """
     if sweep is not None:
         path = Path(sweep)
@@ -114,9 +114,14 @@ def sweep_status(results_dir: str | Path, sweep: str | None = None) -> tuple[Pat
         if not found:
             raise MtbenchError(f"no sweep recorded under {str(results_dir)!r}; `mtbench run` records one")
         path = found[-1]
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        runs = data["runs"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        raise MtbenchError(f"{str(path)!r} is not a sweep file (JSON with a 'runs' list, written by `mtbench run` "
+                           "under RESULTS_DIR/sweeps)") from None
     rows = []
-    for r in data["runs"]:
+    for r in runs:
         state, detail = run_state(r["path"])
         rows.append({**r, "state": state, "detail": detail})
     return path, rows

@@ -142,10 +142,17 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same directory + ``os.replace``), e.g. a figure."""
+    """Write ``data`` to ``path`` atomically (temp file in the same directory + ``os.replace``), e.g. a figure.
+
+    Raises:
+        MtbenchError: the directory cannot be created or written (one line naming the path and the reason).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # a parent that is a file, no permission, read-only file system, ...
+        raise MtbenchError(f"cannot write {str(path)!r}: {e.strerror}: {e.filename!r}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -170,13 +177,43 @@ def load_results(root: str | os.PathLike, dataset: str | None = None) -> list[tu
     """
     root = Path(root)
     base = root / dataset if dataset else root
-    out = []
-    for path in sorted(base.glob("**/seed*.json")):
-        try:
-            out.append((path, RunResult.model_validate_json(path.read_text())))
-        except Exception as e:
-            raise MtbenchError(f"invalid result file {path}: {str(e).splitlines()[0]}") from None
-    return out
+    return [(path, read_result(path)) for path in sorted(base.glob("**/seed*.json"))]
+
+
+def check_output_dir(path: str | os.PathLike, flag: str) -> None:
+    """Fail early, before any work, when an output directory option names an existing file.
+
+    Raises:
+        MtbenchError: ``path`` exists and is not a directory.
+    """
+    if Path(path).exists() and not Path(path).is_dir():
+        raise MtbenchError(f"{flag} {str(path)!r} is a file, not a directory")
+
+
+def read_result(path: str | os.PathLike) -> RunResult:
+    """The result stored in ``path``.
+
+    Raises:
+        MtbenchError: the file cannot be read as text, or is not a valid result (truncated JSON, another kind of
+            file, missing fields); the one-line message names the file and the first problem.
+    """
+    from pydantic import ValidationError
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) else "not a text file"
+        raise MtbenchError(f"cannot read result file {str(path)!r}: {why} (a result is the seed*.json a run writes)"
+                           ) from None
+    try:
+        return RunResult.model_validate_json(text)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(map(str, first["loc"]))
+        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        raise MtbenchError(f"invalid result file {str(path)!r}: {where + ': ' if where else ''}{first['msg']}{more}"
+                           ) from None
 
 
 def load_references(dataset: str) -> tuple[dict[str, float] | None, str | None]:

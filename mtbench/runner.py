@@ -27,7 +27,8 @@ from mtbench.measure import count_params
 from mtbench.metrics import delta_m, primary_higher_is_better, primary_metrics
 from mtbench.registry import ResolvedMethod, build_model, resolve_spec
 from mtbench.results import (
-    EXISTING_POLICIES, DeltaM, RunInfo, RunResult, TrainInfo, default_mode, load_references, save_result,
+    EXISTING_POLICIES, DeltaM, RunInfo, RunResult, TrainInfo, check_output_dir, default_mode, load_references,
+    read_result, save_result,
 )
 from mtbench.datasets import get_dataset, resolve_recipe
 from mtbench.swin import create_backbone
@@ -152,9 +153,12 @@ def plan(req: RunRequest) -> tuple[list[TaskSpec], list[PlannedRun], TrainConfig
     tasks = resolve_tasks(req.dataset, req.tasks)
     req.preset, recipe = resolve_recipe(req.dataset, req.preset, epochs=req.epochs, batch_size=req.batch_size,
                                         lr=req.lr, max_train_batches=req.max_train_batches)
+    check_output_dir(req.results_dir, "--results-dir")
     if req.train_size is not None and req.train_size < 1:
         raise MtbenchError(f"--train-size must be >= 1, got {req.train_size}")
     seeds = list(req.seeds) if req.seeds else [req.seed]
+    if bad := [s for s in seeds if not 0 <= s < 2**63]:
+        raise MtbenchError(f"a seed must be in 0..2**63-1 (torch's generator seed), got {bad[0]}")
     if len(set(seeds)) != len(seeds):
         raise MtbenchError(f"--seeds lists a seed twice: {','.join(map(str, seeds))}")
     if req.checkpoint_minutes < 0:
@@ -390,7 +394,7 @@ def load_trained(result_file: str | Path, state_file: str | Path | None = None):
     path = Path(result_file)
     if not path.is_file():
         raise MtbenchError(f"result file not found: {str(path)!r}")
-    result = RunResult.model_validate_json(path.read_text())
+    result = read_result(path)
     ckpt = Path(state_file) if state_file is not None else checkpoint_path(path)
     if state_file is not None and not ckpt.is_file():
         raise MtbenchError(f"state file not found: {str(ckpt)!r}")

@@ -84,8 +84,10 @@ class TrainConfig:
             raise MtbenchError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise MtbenchError(f"batch size must be >= 1, got {self.batch_size}")
-        if not self.lr > 0:
-            raise MtbenchError(f"learning rate must be > 0, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise MtbenchError(f"learning rate must be a finite number > 0, got {self.lr}")
+        if self.max_train_batches < 0:
+            raise MtbenchError(f"max train batches must be >= 0 (0 = no limit), got {self.max_train_batches}")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -471,6 +473,9 @@ def fit(
             distributed.broadcast_buffers(model)
             val_metrics, val_loss = evaluate(net if world == 1 else model, val_loader, tasks, device, cfg.amp)
             score, st["selection"] = _selection_score(val_metrics, val_loss, tasks, references)
+            if not math.isfinite(score):
+                raise MtbenchError(f"training diverged: validation loss is {val_loss} at epoch {epoch}; lower the "
+                                   "learning rate (--lr)")
             row = {"epoch": epoch, "train_loss": st["running"] / max(st["seen"], 1), "val_loss": val_loss,
                    "val_score": score, "val": val_metrics, "session": len(st["resumes"])}
             st["history"].append(row)

@@ -13,6 +13,7 @@ import torch
 from cli_entry import mtbench
 from torch.utils.data import Subset
 
+from mtbench.errors import MtbenchError
 from mtbench.checkpoint import Interrupted, RunCheckpoint, capture_rng, restore_rng
 from mtbench.train import TrainConfig, build_optimizer, build_scheduler, fit, schedule_step
 
@@ -207,6 +208,11 @@ def test_two_processes_writing_one_results_directory_lose_nothing(tmp_path):
     (["--launcher", "pbs"], "unknown --launcher 'pbs'"),
     (["--launcher", "slurm"], "--launcher slurm needs --partition"),
     (["--launcher", "local", "--time", "soon"], "--time 'soon' is not HH:MM"),
+    (["--seeds", "0,,1"], "--seeds '0,,1' is not a comma-separated list"),
+    (["--seed", "-1"], "a seed must be in 0..2**63-1 (torch's generator seed), got -1"),
+    (["--seeds", "0,99999999999999999999"], "a seed must be in 0..2**63-1 (torch's generator seed), got 9999"),
+    (["--lr", "inf"], "learning rate must be a finite number > 0, got inf"),
+    (["--max-train-batches", "-1"], "max train batches must be >= 0 (0 = no limit), got -1"),
 ])
 def test_run_flag_errors_are_one_line(tmp_path, args, message):
     res = mtbench("run", "--methods", "lora", "--results-dir", str(tmp_path), *args)
@@ -216,8 +222,49 @@ def test_run_flag_errors_are_one_line(tmp_path, args, message):
     assert not any(p.is_file() for p in tmp_path.rglob("*"))
 
 
+def test_an_output_directory_that_is_a_file_fails_before_any_work(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for args in (["run", "--methods", "lora", "--results-dir"], ["profile", "--methods", "lora", "--results-dir"],
+                 ["table", "--out-dir"], ["plot", "--out-dir"]):
+        res = mtbench(*args, str(afile))
+        assert res.returncode == 2 and res.stderr.strip() == f"error: {args[-1]} '{afile}' is a file, not a directory"
+    for args in (["--out", str(tmp_path)], ["--out", str(afile / "w.safetensors")]):
+        res = mtbench("pretrain", *args)
+        assert res.returncode == 2 and "is not a file path that can be written" in res.stderr
+    res = mtbench("pretrain", "--epochs", "0")
+    assert res.returncode == 2 and res.stderr.strip() == "error: --epochs must be >= 1, got 0"
+    assert afile.read_text() == "" and sorted(tmp_path.iterdir()) == [afile]
+
+
+def test_validation_loss_that_diverges_is_a_clear_error(monkeypatch):
+    """A loss that stays finite in training but is NaN at validation stops the run with the divergence message
+    (it used to end in a bare AssertionError after the last epoch)."""
+    import mtbench.train
+
+    tasks, train, val, make_model = _tiny_setup()
+    monkeypatch.setattr(mtbench.train, "evaluate", lambda *a, **k: ({}, float("nan")))
+    with pytest.raises(MtbenchError, match="training diverged: validation loss is nan at epoch 1"):
+        fit(make_model(), train, val, tasks, TrainConfig(epochs=2, batch_size=8, amp=False), torch.device("cpu"))
+
+
 def test_eval_and_status_errors(tmp_path):
     res = mtbench("eval", "--result", str(tmp_path / "nope.json"))
     assert res.returncode == 2 and res.stderr.strip() == f"error: result file not found: '{tmp_path / 'nope.json'}'"
+    (tmp_path / "trunc.json").write_text('{"run": ')
+    (tmp_path / "seed0.safetensors").write_bytes(b"\x80\xc0" * 64)
+    (tmp_path / "empty.json").write_text("{}")
+    for name, message in [("trunc.json", "Invalid JSON: EOF while parsing"),
+                          ("seed0.safetensors", "not a text file (a result is the seed*.json a run writes)"),
+                          ("empty.json", "run: Field required (and 6 more)")]:
+        for cmd in ("eval", "attention"):
+            res = mtbench(cmd, "--result", str(tmp_path / name))
+            lines = res.stderr.strip().splitlines()
+            assert res.returncode == 2 and len(lines) == 1 and message in lines[0], (cmd, name, res.stderr)
+            assert lines[0].startswith("error: ") and repr(str(tmp_path / name)) in lines[0]
+    res = mtbench("eval", "--result", str(tmp_path / "empty.json"), "--batch-size", "0")
+    assert res.returncode == 2 and res.stderr.strip() == "error: --batch-size must be >= 1, got 0"
+    res = mtbench("status", "--sweep", str(tmp_path / "empty.json"))
+    assert res.returncode == 2 and res.stderr.strip().startswith(f"error: '{tmp_path / 'empty.json'}' is not a sweep")
     res = mtbench("status", "--results-dir", str(tmp_path))
     assert res.returncode == 2 and res.stderr.startswith("error: no sweep recorded")
