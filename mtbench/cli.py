@@ -377,7 +377,11 @@ def params(
     task_specs = resolve_tasks(dataset)
     chosen = decoder  # None: each method's own default (the backbone's, or e.g. tdss's tsai)
     decoder = resolve_decoder(decoder, backbone).name
-    wanted = None if methods is None else {resolve(m.strip())[0].name for m in methods.split(",") if m.strip()}
+    names = None if methods is None else [m.strip() for m in methods.split(",") if m.strip()]
+    if names is not None and (not names or any(":" in m for m in names)):
+        raise MtbenchError(f"--methods {methods!r}: params takes method names (e.g. mtlora,tadformer) and prints "
+                           "each method's paper configurations; options (name:key=value) are for run and profile")
+    wanted = None if names is None else {resolve(m)[0].name for m in names}
     t = Table(title=f"#TP, {backbone} setting, decoder {decoder}, tasks: {', '.join(x.name for x in task_specs)}",
               title_justify="left")
     for c in ("method", "options", "#TP", "backbone unfrozen", "method modules", "decoders", "paper (M)", "vs paper",

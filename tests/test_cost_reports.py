@@ -130,6 +130,8 @@ def test_measured_row_shows_reported_twin_in_its_own_columns(tmp_path):
     (["profile", "--methods", "lora:r=0"], "lora: r must be > 0, got 0"),
     (["profile", "--methods", "lora", "--compare-to", "mtl_full"], "--compare-to 'mtl_full' is not among"),
     (["plot", "--x", "flops"], "unknown --x 'flops'"),
+    (["params", "--methods", "lora:r=8"], "--methods 'lora:r=8': params takes method names"),
+    (["params", "--methods", ",,"], "--methods ',,': params takes method names"),
     (["table", "--kind", "speed"], "unknown --kind 'speed'"),
 ])
 def test_new_commands_bad_input_is_one_line_exit_2(args, needle):
