@@ -65,8 +65,14 @@ def run_state(result_path: str | Path) -> tuple[str, str]:
     """``(state, detail)`` of one run from its files: done, running, interrupted, failed or missing."""
     from mtbench.checkpoint import checkpoint_dir
 
+    from mtbench.results import read_result
+
     p = Path(result_path)
     if p.is_file():
+        try:
+            read_result(p)
+        except MtbenchError as e:
+            return "failed", str(e)
         return "done", str(p)
     ckpt = (checkpoint_dir(p) / "latest.json").is_file()
     sp = status_path(p)

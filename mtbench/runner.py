@@ -174,6 +174,11 @@ def plan(req: RunRequest) -> tuple[list[TaskSpec], list[PlannedRun], TrainConfig
             path = ident.result_path(req.results_dir, seed)
             if path.exists() and req.existing == "error":
                 raise MtbenchError(f"result exists: {path}; pass --existing skip or --existing overwrite")
+            if path.exists() and req.existing == "skip":  # only a valid result may stand for the run
+                try:
+                    read_result(path)
+                except MtbenchError as e:
+                    raise MtbenchError(f"{e}; pass --existing overwrite to run it again") from None
             runs.append(PlannedRun(rm, path, ident, seed))
     seen = set()
     for r in runs:

@@ -268,3 +268,21 @@ def test_eval_and_status_errors(tmp_path):
     assert res.returncode == 2 and res.stderr.strip().startswith(f"error: '{tmp_path / 'empty.json'}' is not a sweep")
     res = mtbench("status", "--results-dir", str(tmp_path))
     assert res.returncode == 2 and res.stderr.startswith("error: no sweep recorded")
+
+
+def test_an_invalid_existing_result_is_not_skipped_nor_listed_as_done(tmp_path):
+    """``--existing skip`` (the default) only skips a run whose result file is a valid result; ``status`` lists a
+    corrupt one as failed, naming the problem."""
+    from mtbench.launch import run_state
+    from mtbench.runner import RunRequest, plan
+
+    req = RunRequest(methods="lora", results_dir=str(tmp_path))
+    path = plan(req)[1][0].path
+    path.parent.mkdir(parents=True)
+    path.write_text('{"run": ')  # truncated by hand: mtbench's own writes are atomic
+    with pytest.raises(MtbenchError, match="invalid result file .*Invalid JSON.*; pass --existing overwrite"):
+        plan(req)
+    state, detail = run_state(path)
+    assert state == "failed" and "Invalid JSON" in detail
+    req.existing = "overwrite"
+    assert plan(req)[1][0].path == path
