@@ -444,13 +444,14 @@ def pretrain(
 ) -> None:
     """Pretrain the embedded small Swin on the synthetic *upstream* split (never on train/val/test images)."""
     from mtbench.pretrain import pretrain_embedded
+    from mtbench.results import check_output_file
     from mtbench.runner import resolve_device
     from mtbench.cpu import configure_cpu
 
     if epochs < 1:
         raise MtbenchError(f"--epochs must be >= 1, got {epochs}")
-    if out and (Path(out).is_dir() or any(p.exists() and not p.is_dir() for p in Path(out).parents)):
-        raise MtbenchError(f"--out {out!r} is not a file path that can be written (a directory, or under a file)")
+    if out:
+        check_output_file(out, "--out")
     configure_cpu()
     path, summary = pretrain_embedded(epochs=epochs, out=out or None, seed=seed, device=resolve_device(device),
                                       log=console.print)
@@ -701,7 +702,7 @@ def interaction_cost_cmd(
     from mtbench.decoders import resolve_decoder
     from mtbench.figures import cost_scaling_figure
     from mtbench.measure import interaction_cost
-    from mtbench.results import atomic_write_text
+    from mtbench.results import atomic_write_text, check_output_file
     from mtbench.runner import resolve_device
     from mtbench.cpu import configure_cpu
 
@@ -718,6 +719,7 @@ def interaction_cost_cmd(
         raise MtbenchError(f"--tasks {tasks!r} / --sizes {sizes!r}: need task counts >= 1 and sizes HxW >= 32")
     if repeats < 1:
         raise MtbenchError(f"--repeats must be >= 1, got {repeats}")
+    check_output_file(out + ".json", "--out")
     names = [resolve_decoder(d.strip(), "swin_tiny_patch4_window7_224").name for d in decoder.split(",")]
     dev = resolve_device(device)
     configure_cpu()
@@ -742,7 +744,6 @@ def interaction_cost_cmd(
                              and r["width"] == w) for nm in names)
                 console.print(f"{h}x{w} T={n}: {names[0]} / {names[1]} = {a['macs'] / b['macs']:.1f}x FLOPs, "
                               f"{a['latency_ms'] / b['latency_ms']:.1f}x latency")
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(out + ".json"), json.dumps(rows, indent=1) + "\n")
     cost_scaling_figure(rows, out + ".png", title=f"inter-task interaction stages, Swin-T neck, device {dev}")
     console.print(f"wrote {out}.json and {out}.png")

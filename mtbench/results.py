@@ -190,6 +190,19 @@ def check_output_dir(path: str | os.PathLike, flag: str) -> None:
         raise MtbenchError(f"{flag} {str(path)!r} is a file, not a directory")
 
 
+def check_output_file(path: str | os.PathLike, flag: str) -> None:
+    """Fail early, before any work, when an output file option cannot be written: it names a directory, or a path
+    under an existing file.
+
+    Raises:
+        MtbenchError: such a path.
+    """
+    path = Path(path)
+    if path.is_dir() or any(p.exists() and not p.is_dir() for p in path.parents):
+        raise MtbenchError(f"{flag} {str(path)!r} is not a file path that can be written (a directory, or under a "
+                           "file)")
+
+
 def read_result(path: str | os.PathLike) -> RunResult:
     """The result stored in ``path``.
 

@@ -232,6 +232,9 @@ def test_an_output_directory_that_is_a_file_fails_before_any_work(tmp_path):
     for args in (["--out", str(tmp_path)], ["--out", str(afile / "w.safetensors")]):
         res = mtbench("pretrain", *args)
         assert res.returncode == 2 and "is not a file path that can be written" in res.stderr
+    res = mtbench("interaction-cost", "--out", str(afile / "ic"))
+    assert res.returncode == 2 and res.stderr.strip() == (f"error: --out '{afile / 'ic.json'}' is not a file path "
+                                                          "that can be written (a directory, or under a file)")
     res = mtbench("pretrain", "--epochs", "0")
     assert res.returncode == 2 and res.stderr.strip() == "error: --epochs must be >= 1, got 0"
     assert afile.read_text() == "" and sorted(tmp_path.iterdir()) == [afile]
