@@ -85,11 +85,8 @@ class _RichProgress:
 def _int_list(text: str | None, flag: str) -> list[int] | None:
     if text is None:
         return None
-    try:
-        items = text.split(",")
-        if len(items) > 1 and not all(x.strip() for x in items):
-            raise ValueError
-        values = [int(x) for x in items if x.strip()]
+    try:  # int() takes surrounding spaces and refuses an empty item ("0,,1", "0,")
+        values = [int(x) for x in text.split(",")] if text.strip() else []
     except ValueError:
         raise MtbenchError(f"{flag} {text!r} is not a comma-separated list of integers, e.g. 0,1,2") from None
     if not values:

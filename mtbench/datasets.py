@@ -188,7 +188,8 @@ def get_dataset(name: str) -> DatasetSpec:
     Raises:
         MtbenchError: unknown dataset (the message lists the registered ones).
     """
-    if name not in dataset_names():
+    _load()
+    if name not in _DATASETS:
         raise MtbenchError(f"unknown dataset {name!r}; valid: {', '.join(dataset_names())}")
     return _DATASETS[name]
 
