@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pydantic import AliasChoices, BaseModel, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from mtbench.errors import MtbenchError
 from mtbench.identity import RunIdentity
@@ -88,6 +88,14 @@ class RunResult(BaseModel):
     params: dict[str, Any]
     env: dict[str, Any]
 
+    @field_validator("schema_version")
+    @classmethod
+    def _readable_version(cls, v: int) -> int:
+        if not 1 <= v <= SCHEMA_VERSION:
+            raise ValueError(f"schema_version {v} is not one this mtbench reads (1..{SCHEMA_VERSION}; a newer "
+                             "mtbench wrote it?)")
+        return v
+
 
 def result_path(root: str | os.PathLike, dataset: str, method: str, key: str, seed: int) -> Path:
     return Path(root) / dataset / method / key / f"seed{seed}.json"
@@ -114,18 +122,75 @@ def profile_for_result(result_file: str | os.PathLike, device: str | None = None
     return None
 
 
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class _Median(_Strict):
+    median_ms: float
+
+
+class _ProfileLatency(_Strict):
+    train_step: _Median
+    inference_batch1: _Median
+
+
+class _InferenceFlops(_Strict):
+    gflops: float
+
+
+class _ProfileFlops(_Strict):
+    inference: _InferenceFlops
+
+
+class _ProfileEnv(_Strict):
+    device: str
+    device_name: str
+    threads: int
+
+
+class _TrainMemory(_Strict):
+    rss_step_mb: float | None = None
+    allocated_step_mb: float | None = None
+    what: str = ""
+
+
+class _ProfileMemory(_Strict):
+    train: _TrainMemory | None = None
+
+
+class ProfileFields(_Strict):
+    """The fields of a profile file (``mtbench.profile/1``, written by :func:`mtbench.measure.profile_methods`)
+    that the reports read (``table --kind cost``, ``plot``), with their types: checked when a profile is loaded, so
+    a hand-edited or truncated profile fails with the file and the field named instead of deep in pandas."""
+
+    batch_size: int
+    flops: _ProfileFlops
+    latency: _ProfileLatency
+    env: _ProfileEnv
+    memory: _ProfileMemory | None = None
+
+
 def load_profile(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a profile file.
+    """Read a profile file: the JSON as written, after checking the fields the reports read
+    (:class:`ProfileFields`).
 
     Raises:
-        MtbenchError: not valid JSON or not a profile (named in the message).
+        MtbenchError: not valid JSON, not a profile, or a field the reports read missing or of the wrong type
+            (one line naming the file and the first such field).
     """
+    from pydantic import ValidationError
+
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise MtbenchError(f"invalid profile file {path}: {e}") from None
     if not isinstance(data, dict) or data.get("schema") != "mtbench.profile/1":
         raise MtbenchError(f"invalid profile file {path}: no 'schema': 'mtbench.profile/1'")
+    try:
+        ProfileFields.model_validate(data)
+    except ValidationError as e:
+        raise MtbenchError(f"invalid profile file {path}: {_first_error(e)}") from None
     return data
 
 
@@ -222,11 +287,15 @@ def read_result(path: str | os.PathLike) -> RunResult:
     try:
         return RunResult.model_validate_json(text)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(map(str, first["loc"]))
-        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-        raise MtbenchError(f"invalid result file {str(path)!r}: {where + ': ' if where else ''}{first['msg']}{more}"
-                           ) from None
+        raise MtbenchError(f"invalid result file {str(path)!r}: {_first_error(e)}") from None
+
+
+def _first_error(e) -> str:
+    """``field.path: message (and N more)`` of a pydantic ``ValidationError``'s first error."""
+    first = e.errors()[0]
+    where = ".".join(map(str, first["loc"]))
+    more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+    return f"{where + ': ' if where else ''}{first['msg']}{more}"
 
 
 def load_references(dataset: str) -> tuple[dict[str, float] | None, str | None]:
