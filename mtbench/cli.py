@@ -126,8 +126,9 @@ def run(
     launcher: Optional[str] = typer.Option(None, help="submit one job per (method, seed) through submitit: slurm | "
                                            "local"),
     partition: Optional[str] = typer.Option(None, help="SLURM partition (--launcher slurm)"),
-    gpus_per_job: int = typer.Option(1, help="GPUs per job (--launcher); 0 = a CPU job"),
-    time: str = typer.Option("24:00", "--time", help="wall-clock limit per job, HH:MM (--launcher)"),
+    gpus_per_job: Optional[int] = typer.Option(None, help="GPUs per job (--launcher; default 1); 0 = a CPU job"),
+    time: Optional[str] = typer.Option(None, "--time", help="wall-clock limit per job, HH:MM (--launcher; default "
+                                       "24:00)"),
     wait: bool = typer.Option(False, "--wait", help="wait for submitted jobs to end (always with --launcher local)"),
     no_record: bool = typer.Option(False, "--no-record", hidden=True, help="do not record a sweep (child runs)"),
     decoder: Optional[str] = typer.Option(None, help="decoder (mtbench.decoders): mtlora_hrnet | hrnet_270 | polyhistor_hrnet | tsai, "
@@ -146,6 +147,12 @@ def run(
         raise MtbenchError("--resume and --restart exclude each other")
     if jobs < 1:
         raise MtbenchError(f"--jobs must be >= 1, got {jobs}")
+    if launcher is None:
+        given = [flag for flag, v in (("--partition", partition), ("--gpus-per-job", gpus_per_job),
+                                      ("--time", time), ("--wait", wait or None)) if v is not None]
+        if given:
+            raise MtbenchError(f"{', '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} with --launcher "
+                               "(slurm | local)")
     req = RunRequest(methods=methods, dataset=dataset, tasks=[t.strip() for t in tasks.split(",")] if tasks else None,
                      seed=seed, device=device, epochs=epochs, batch_size=batch_size, lr=lr,
                      max_train_batches=max_train_batches, data_root=data_root, weights=weights, init=init,
@@ -156,7 +163,8 @@ def run(
     _, runs, _ = plan(req)
     todo = [r for r in runs if not (r.path.exists() and existing == "skip")]
     if launcher is not None:
-        jobs_ = submit(req, todo, launcher, partition, gpus_per_job, time,
+        jobs_ = submit(req, todo, launcher, partition, 1 if gpus_per_job is None else gpus_per_job,
+                       "24:00" if time is None else time,
                        log=lambda m: console.print(m, markup=False, highlight=False))
         record_sweep(results_dir, [{"label": r.label, "seed": r.seed, "path": str(r.path), "job_id": j.job_id}
                                    for r, j in zip(todo, jobs_)], req.command, launcher)
@@ -501,6 +509,8 @@ def data_check(
 
     from mtbench.data.check import check_dataset
 
+    if workers < 0:
+        raise MtbenchError(f"--workers must be >= 0 (0: one per CPU core), got {workers}")
     with Progress(TextColumn("[bold]checking {task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=console, transient=True) as progress:
         bar = progress.add_task(dataset, total=None)
@@ -577,7 +587,7 @@ def profile(
                                              "method, e.g. mtl_full (it must be among --methods)"),
     scaling: Optional[str] = typer.Option(None, help="'tasks': repeat the measurement with T = 1..--max-tasks "
                                           "tasks, write a CSV and a plot"),
-    max_tasks: int = typer.Option(8, help="largest T of --scaling tasks"),
+    max_tasks: Optional[int] = typer.Option(None, help="largest T of --scaling tasks (default 8)"),
     results_dir: str = typer.Option("results", help="profiles go beside the results: "
                                     "{results_dir}/{dataset}/{method}/{key}/profile_{device}.json"),
     out_dir: str = typer.Option("reports", help="where --scaling writes its CSV and figure"),
@@ -604,6 +614,9 @@ def profile(
         raise MtbenchError(f"--batch-size must be >= 1, got {batch_size}")
     if scaling not in (None, "tasks"):
         raise MtbenchError(f"unknown --scaling {scaling!r}; valid: tasks")
+    if max_tasks is not None and scaling is None:
+        raise MtbenchError("--max-tasks only applies with --scaling tasks")
+    max_tasks = 8 if max_tasks is None else max_tasks
     if max_tasks < 1:
         raise MtbenchError(f"--max-tasks must be >= 1, got {max_tasks}")
     from mtbench.encoder import check_activation_checkpoint
@@ -696,7 +709,7 @@ def interaction_cost_cmd(
     import json
     from pathlib import Path
 
-    from mtbench.decoders import resolve_decoder
+    from mtbench.decoders import DECODERS, INTERACTIONS, IdentityInteraction, resolve_decoder
     from mtbench.figures import cost_scaling_figure
     from mtbench.measure import interaction_cost
     from mtbench.results import atomic_write_text, check_output_file
@@ -717,7 +730,15 @@ def interaction_cost_cmd(
     if repeats < 1:
         raise MtbenchError(f"--repeats must be >= 1, got {repeats}")
     check_output_file(out + ".json", "--out")
-    names = [resolve_decoder(d.strip(), "swin_tiny_patch4_window7_224").name for d in decoder.split(",")]
+    specs = [resolve_decoder(d.strip(), "swin_tiny_patch4_window7_224") for d in decoder.split(",")]
+    def identity(s) -> bool:
+        return isinstance(s.make_interaction(["t"], s.neck_channels), IdentityInteraction)
+
+    if flat := [s.name for s in specs if identity(s)]:
+        with_stage = [n for n, s in DECODERS.items() if not identity(s)] + [*INTERACTIONS, "DECODER+INTERACTION"]
+        raise MtbenchError(f"--decoder {', '.join(flat)}: no interaction stage to measure (identity); decoders with "
+                           f"one: {', '.join(with_stage)}")
+    names = [s.name for s in specs]
     dev = resolve_device(device)
     configure_cpu()
     rows = []

@@ -137,8 +137,14 @@ def _convert(method: str, key: str, raw: Any, hint: Any) -> Any:
         if hint is float:
             return float(text)
         if origin is tuple:
-            return tuple(s for s in text.split("+") if s)
+            items = tuple(text.split("+"))
+            if not all(items):
+                raise MtbenchError(f"{method}: option {key}={raw!r} has an empty item; give items joined by single "
+                                   "'+'")
+            return items
         return text
+    except MtbenchError:
+        raise
     except ValueError:
         kind = getattr(hint, "__name__", str(hint))
         raise MtbenchError(f"{method}: option {key}={raw!r} is not a valid {kind}") from None

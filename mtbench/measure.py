@@ -127,6 +127,17 @@ def sdpa_macs(q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Sequence[
     return int(_math.prod(batch) * L * S * (E + Ev))
 
 
+def _fvcore_nn():
+    """``fvcore.nn``, imported without the ``torch.jit.script`` FutureWarning that fvcore 0.1.5's focal-loss module
+    (which mtbench does not use) raises at import under recent torch."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        import fvcore.nn
+    return fvcore.nn
+
+
 def _fvcore_sdpa_handle(inputs, outputs) -> int:
     from fvcore.nn.jit_handles import get_shape
 
@@ -233,7 +244,7 @@ def count_flops(model: nn.Module, inputs: torch.Tensor | tuple, *, train: bool =
 
     Source: fvcore ``FlopCountAnalysis`` (facebookresearch/fvcore), torch ``torch.utils.flop_counter``.
     """
-    from fvcore.nn import FlopCountAnalysis
+    FlopCountAnalysis = _fvcore_nn().FlopCountAnalysis
     from torch.utils.flop_counter import FlopCounterMode
 
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)

@@ -161,12 +161,29 @@ class ResolvedMethod:
 def resolve_spec(spec: MethodSpec) -> ResolvedMethod:
     """Check a parsed ``--methods`` item: known name, known options, valid values.
 
+    A variant defined by one option (``mtlora_plus``: ``plus=true``) cannot have that option overridden: the result
+    would be the base method under a second name and a second result key. A variant defined by several options
+    (``tadformer_official``) may have one of them overridden (e.g. ``tadformer_official:skip_layout=correct``).
+
     Raises:
-        MtbenchError: unknown method or option, or an invalid value.
+        MtbenchError: unknown method or option, an invalid value, or a one-option variant's option overridden.
     """
     info, variant, preset = resolve(spec.name)
     cfg = info.config_cls.from_options(spec.options, base=preset)
+    if len(preset) == 1:
+        (key, value), = preset.items()
+        if key in spec.options and getattr(cfg, key) != getattr(info.config_cls.from_options(preset), key):
+            raise MtbenchError(f"{spec.label()}: the variant {variant} is {info.name} with {key}={_text(value)}; "
+                               f"for {key}={spec.options[key]} use "
+                               f"{info.name}:{key}={spec.options[key]}")
     return ResolvedMethod(info, variant, cfg, spec)
+
+
+def _text(value) -> str:
+    """An option value as typed on the command line (tuples joined by '+', booleans lower case)."""
+    if isinstance(value, tuple):
+        return "+".join(map(str, value))
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def build_model(resolved: ResolvedMethod, backbone, tasks, decoder: str | None = None):

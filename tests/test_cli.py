@@ -25,6 +25,11 @@ def files_under(path: Path) -> list[Path]:
     (["--methods", "lora", "--decoder", "nope"], "unknown decoder 'nope'; valid: mtlora_hrnet, hrnet_270"),
     (["--methods", "ditask:r=1"], "ditask: r must be >= 2, got 1"),
     (["--methods", "vmt_adapter:reduction=0"], "vmt_adapter: reduction must be > 0, got 0"),
+    (["--methods", "lora:targets=qkv++proj"], "lora: option targets='qkv++proj' has an empty item"),
+    (["--methods", "lora:targets=qkv+"], "lora: option targets='qkv+' has an empty item"),
+    (["--methods", "mtlora_plus:plus=false"],
+     "the variant mtlora_plus is mtlora with plus=true; for plus=false use mtlora:plus=false"),
+    (["--methods", "vpt_deep:deep=0"], "the variant vpt_deep is vpt with deep=true; for deep=0 use vpt:deep=0"),
 ])
 def test_run_bad_input_is_one_line_exit_2(tmp_path, args, message):
     res = mtbench("run", *args, "--results-dir", str(tmp_path / "results"))

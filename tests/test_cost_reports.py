@@ -133,6 +133,8 @@ def test_measured_row_shows_reported_twin_in_its_own_columns(tmp_path):
     (["params", "--methods", "lora:r=8"], "--methods 'lora:r=8': params takes method names"),
     (["params", "--methods", ",,"], "--methods ',,': params takes method names"),
     (["table", "--kind", "speed"], "unknown --kind 'speed'"),
+    (["profile", "--methods", "lora", "--max-tasks", "3"], "--max-tasks only applies with --scaling tasks"),
+    (["data", "check", "--dataset", "pascal_context", "--workers", "-1"], "--workers must be >= 0"),
 ])
 def test_new_commands_bad_input_is_one_line_exit_2(args, needle):
     res = mtbench(*args)
@@ -190,3 +192,36 @@ def test_cost_table_and_plot_warn_when_cpu_peaks_of_both_kinds_are_compared(resu
     assert res.returncode == 0, res.stderr
     assert "predate mtbench.cpu.track_live_memory" in " ".join(res.stdout.split())
     assert (tmp_path / "c" / "pareto_synthetic_memory.png").is_file()
+
+
+def test_a_result_or_profile_the_reports_cannot_read_is_one_line_error(results_with_profile, tmp_path):
+    """A profile whose fields the reports read are missing or of the wrong type (hand-edited), and a result from a
+    newer schema, fail ``table`` and ``plot`` with one line naming the file and the field."""
+    root = tmp_path / "res"
+    shutil.copytree(results_with_profile, root)
+    prof_file = root / "synthetic/lora/default/profile_cpu.json"
+    prof = json.loads(prof_file.read_text())
+    for edit, message in [(("latency", "train_step", "median_ms"), "latency.train_step.median_ms: Input should be a "
+                                                                    "valid number"),
+                          (("flops", "inference", "gflops"), "flops.inference.gflops: Input should be a valid "
+                                                             "number")]:
+        bad = json.loads(json.dumps(prof))
+        bad[edit[0]][edit[1]][edit[2]] = "fast"
+        prof_file.write_text(json.dumps(bad))
+        for args in (["table", "--kind", "cost"], ["plot"]):
+            res = mtbench(*args, "--results-dir", str(root), "--out-dir", str(tmp_path / "o"))
+            lines = res.stderr.strip().splitlines()
+            assert res.returncode == 2 and len(lines) == 1, (args, res.stderr)
+            assert lines[0] == f"error: invalid profile file {prof_file}: {message}", lines[0]
+    prof_file.write_text(json.dumps(prof))
+    assert mtbench("table", "--kind", "cost", "--results-dir", str(root), "--out-dir", str(tmp_path / "o")
+                   ).returncode == 0
+
+    result_file = root / "synthetic/lora/default/seed0.json"
+    res_json = json.loads(result_file.read_text())
+    res_json["schema_version"] = 999
+    result_file.write_text(json.dumps(res_json))
+    res = mtbench("table", "--results-dir", str(root), "--out-dir", str(tmp_path / "o"))
+    assert res.returncode == 2 and res.stderr.strip() == (
+        f"error: invalid result file {str(result_file)!r}: schema_version: Value error, schema_version 999 is not "
+        "one this mtbench reads (1..2; a newer mtbench wrote it?)"), res.stderr

@@ -110,6 +110,8 @@ def test_interaction_cost_command_writes_json_and_plot(tmp_path):
     (["interaction-cost", "--tasks", "x..8"], "--tasks 'x..8'"),
     (["interaction-cost", "--sizes", "448"], "--sizes '448'"),
     (["interaction-cost", "--decoder", "nosuch"], "unknown decoder 'nosuch'"),
+    (["interaction-cost", "--decoder", "inter_task_mha,hrnet_270"],
+     "--decoder hrnet_270: no interaction stage to measure (identity); decoders with one: tsai, inter_task_mha"),
     (["run", "--methods", "mtlora", "--decoder", "hrnet_270+nosuch"], "unknown decoder 'hrnet_270+nosuch'"),
 ])
 def test_bad_input_is_one_line_exit_2(args, message):

@@ -349,3 +349,17 @@ def test_isolated_cpu_memory_is_marked_as_following_live_allocations():
     assert mem["train"]["rss_step_mb"] > 0
     assert memory_method({"memory": mem}) == "cpu-live"
     assert memory_method({"memory": {"train": peak_memory(lambda: None, torch.device("cpu"))}}) == "cpu-heap"
+
+
+def test_fvcore_imports_without_torch_jit_warning():
+    """fvcore 0.1.5 scripts its focal loss at import, which recent torch answers with a FutureWarning that
+    ``mtbench profile`` printed on stderr; mtbench imports it with that warning filtered (and only that one)."""
+    import subprocess
+    import sys
+
+    code = ("import warnings; warnings.simplefilter('error', FutureWarning)\n"
+            "from mtbench.measure import _fvcore_nn; _fvcore_nn().FlopCountAnalysis\n"
+            "warnings.warn('other', FutureWarning)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 1 and res.stderr.strip().splitlines()[-1] == "FutureWarning: other", res.stderr
+    assert "torch.jit.script" not in res.stderr

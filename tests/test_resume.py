@@ -213,6 +213,9 @@ def test_two_processes_writing_one_results_directory_lose_nothing(tmp_path):
     (["--seeds", "0,99999999999999999999"], "a seed must be in 0..2**63-1 (torch's generator seed), got 9999"),
     (["--lr", "inf"], "learning rate must be a finite number > 0, got inf"),
     (["--max-train-batches", "-1"], "max train batches must be >= 0 (0 = no limit), got -1"),
+    (["--partition", "gpu"], "--partition only applies with --launcher (slurm | local)"),
+    (["--time", "01:00", "--wait"], "--time, --wait only apply with --launcher (slurm | local)"),
+    (["--gpus-per-job", "0"], "--gpus-per-job only applies with --launcher"),
 ])
 def test_run_flag_errors_are_one_line(tmp_path, args, message):
     res = mtbench("run", "--methods", "lora", "--results-dir", str(tmp_path), *args)
