@@ -472,6 +472,8 @@ def attention(
     out: str = typer.Option("", help="output PNG (default reports/attention_{method}_{key}_stage{S}.png)"),
     data_root: Optional[str] = typer.Option(None, help="the dataset's directory, as for `run` (default: the "
                                             "synthetic cache, or $MTBENCH_DATA/<dir> for the real datasets)"),
+    state: Optional[str] = typer.Option(None, help="trained state (.safetensors) to draw instead of the one beside "
+                                        "the result, as for `eval`"),
 ) -> None:
     """Draw the task attention maps of a trained model (TADFormer Fig. 7) for a few test images."""
     import torch
@@ -484,7 +486,7 @@ def attention(
         raise MtbenchError(f"--n must be >= 1, got {n}")
     if data_root is not None and not Path(data_root).is_dir():
         raise MtbenchError(f"data root not found: {data_root!r}")
-    model, res = load_trained(result)
+    model, res = load_trained(result, state)
     test = build_dataset(res.run.dataset, "test", root=data_root, tasks=res.run.tasks)
     images = torch.stack([test[i]["image"] for i in range(min(n, len(test)))])
     path = out or f"reports/attention_{res.run.method}_{res.run.key}_stage{stage}.png"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -242,7 +243,13 @@ def load_results(root: str | os.PathLike, dataset: str | None = None) -> list[tu
     """
     root = Path(root)
     base = root / dataset if dataset else root
-    return [(path, read_result(path)) for path in sorted(base.glob("**/seed*.json"))]
+    return [(path, read_result(path)) for path in sorted(base.glob("**/seed*.json")) if is_result_name(path.name)]
+
+
+def is_result_name(name: str) -> bool:
+    """Whether a file name is a result file's, ``seed{S}.json`` (not the ``seed{S}.status.json`` a failed, running
+    or interrupted run leaves beside it)."""
+    return re.fullmatch(r"seed\d+\.json", name) is not None
 
 
 def check_output_dir(path: str | os.PathLike, flag: str) -> None:

@@ -192,9 +192,11 @@ def run_identity(req: RunRequest, rm: ResolvedMethod, tasks: list[TaskSpec], rec
     """The identity of one planned run (:mod:`mtbench.identity`): everything that can change its numbers except
     the seed. New per-run choices enter here."""
     _, preset_recipe = resolve_recipe(req.dataset, req.preset)
+    backbone = get_dataset(req.dataset).backbone
+    decoder = None if req.decoder is None else resolve_decoder(req.decoder, backbone).name  # one name per decoder
     return make_identity(method=rm.name, variant=rm.variant, options=rm.config.to_dict(), dataset=req.dataset,
                          tasks=[t.name for t in tasks], init=req.init, weights=req.weights,
-                         backbone=get_dataset(req.dataset).backbone, decoder=req.decoder, preset=req.preset,
+                         backbone=backbone, decoder=decoder, preset=req.preset,
                          eval_protocol=req.eval_resolution, recipe=recipe_dict(recipe),
                          preset_recipe=recipe_dict(preset_recipe), train_size=req.train_size)
 
@@ -342,7 +344,15 @@ def execute(req: RunRequest, log=print, progress=None) -> list[tuple[PlannedRun,
             todo.append(r)
     if not todo:
         return out
-    datasets = build_datasets(req, task_specs, recipe)
+    try:
+        datasets = build_datasets(req, task_specs, recipe)
+    except MtbenchError as e:  # files missing on disk: the sweep already lists these runs; `status` says why
+        if distributed.is_main():
+            from mtbench.launch import write_status
+
+            for r in todo:
+                write_status(r.path, "failed", error=f"MtbenchError: {str(e).splitlines()[0]}")
+        raise
     log(f"dataset {req.dataset} ({len(datasets[0])}/{len(datasets[1])}/{len(datasets[2])} train/val/test), tasks "
         f"{', '.join(t.name for t in task_specs)}, device {dev}"
         + (f" x {distributed.world_size()} processes" if distributed.world_size() > 1 else "")

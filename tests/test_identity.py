@@ -95,6 +95,23 @@ def test_result_files_store_the_directory_name_as_key():
     assert result.run.key == "default" and "variant" not in json.loads(result.model_dump_json())["run"]
 
 
+def test_one_decoder_has_one_identity_whatever_its_spelling(tmp_path):
+    """``--decoder inter_task_mha`` on the embedded setting is ``hrnet_270+inter_task_mha``: one identity, one result
+    path, the one the resolved name (recorded in the result file) gives; the default decoder named explicitly is no
+    departure."""
+    from mtbench.runner import RunRequest, plan
+
+    def key(decoder, dataset="synthetic"):
+        req = RunRequest(methods="lora", dataset=dataset, decoder=decoder, results_dir=str(tmp_path),
+                         data_root=str(tmp_path))
+        return plan(req)[1][0].path.parent.name
+
+    assert key("inter_task_mha") == key("hrnet_270+inter_task_mha") == "default_decoder=hrnet-270+inter-task-mha"
+    assert key("inter_task_mha", "pascal_context") == "default_decoder=mtlora-hrnet+inter-task-mha"
+    assert key("hrnet_270") == key(None) == "default"
+    assert key("mtlora_hrnet", "pascal_context") == "default"
+
+
 def test_reconstruction_reads_train_size_from_the_recorded_command():
     path = REPO / "results/reference/synthetic/lora/default/seed0.json"
     data = json.loads(path.read_text())

@@ -271,6 +271,25 @@ def test_bad_training_file_is_one_line_through_the_cli(pascal_root, tmp_path):  
     assert not [p for p in written if p.name.startswith("seed") and not p.name.endswith(".status.json")], written
 
 
+def test_a_missing_data_file_marks_the_recorded_runs_failed(pascal_root, tmp_path):  # noqa: F811
+    """A file missing on disk is found once the run has started (after its sweep is recorded): one error line, no
+    result, and ``mtbench status`` lists the run as failed with that line, not as missing."""
+    missing = pascal_root / "sal_distill" / "2008_000002.png"
+    missing.unlink()
+    res = mtbench("run", "--methods", "decoder_only", "--dataset", "pascal_context", "--data-root", str(pascal_root),
+                  "--epochs", "1", "--init", "random", "--results-dir", str(tmp_path / "r"), "--device", "cpu")
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert lines[0].startswith("error: PASCAL_MT: 1 file(s) missing for split 'train', first: ") and \
+        lines[0].endswith("2008_000002.png"), lines[0]
+    assert not list((tmp_path / "r").rglob("seed0.json"))
+    res = mtbench("status", "--results-dir", str(tmp_path / "r"))
+    assert res.returncode == 0, res.stderr
+    row = " ".join(res.stdout.split())
+    assert "decoder_only" in row and "failed" in row and "1 file(s) missing" in row and "missing " not in \
+        row.replace("file(s) missing", ""), res.stdout
+
+
 def test_run_bad_preset_and_eval_resolution_are_one_line(tmp_path):
     for args, msg in ((["--preset", "paper"], "unknown --preset 'paper' for dataset 'synthetic'; valid: embedded"),
                       (["--eval-resolution", "full"], "unknown --eval-resolution 'full'; valid: resized, original")):

@@ -276,6 +276,49 @@ def test_eval_and_status_errors(tmp_path):
     assert res.returncode == 2 and res.stderr.startswith("error: no sweep recorded")
 
 
+def test_eval_and_attention_without_the_trained_state_name_it_and_take_state(tmp_path):
+    """A result file copied without its git-ignored ``seed0.safetensors`` (a clean clone of results/reference) is a
+    one-line error pointing to --state, which both commands take."""
+    import shutil
+    from pathlib import Path
+
+    src = Path(__file__).parents[1] / "results/reference/synthetic/tadformer/default/seed0.json"
+    result = tmp_path / "seed0.json"
+    shutil.copy(src, result)
+    for cmd in ("eval", "attention"):
+        res = mtbench(cmd, "--result", str(result), "--out" if cmd == "attention" else "--split",
+                      str(tmp_path / "a.png") if cmd == "attention" else "test")
+        assert res.returncode == 2 and res.stderr.strip() == (
+            f"error: no trained state beside {str(result)!r} (expected seed0.safetensors); rerun with --existing "
+            "overwrite, or pass --state PATH"), (cmd, res.stderr)
+        res = mtbench(cmd, "--result", str(result), "--state", str(tmp_path / "nope.safetensors"))
+        assert res.returncode == 2 and res.stderr.strip() == (
+            f"error: state file not found: {str(tmp_path / 'nope.safetensors')!r}"), (cmd, res.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seed0.json"]
+
+
+def test_a_failed_runs_status_file_does_not_break_the_reports(tmp_path):
+    """A failed run leaves ``seed{S}.status.json`` beside where its result would be; ``table`` and ``plot`` read only
+    ``seed{S}.json`` files and still work."""
+    import shutil
+    from pathlib import Path
+
+    from mtbench.launch import write_status
+    from mtbench.results import is_result_name, load_results
+
+    root = tmp_path / "r"
+    shutil.copytree(Path(__file__).parents[1] / "results/reference/synthetic/lora/default",
+                    root / "synthetic/lora/default",
+                    ignore=shutil.ignore_patterns("*.safetensors", "*.log"))
+    write_status(root / "synthetic/lora/default/seed3.json", "failed", error="MtbenchError: weights file not found")
+    assert (root / "synthetic/lora/default/seed3.status.json").is_file()
+    assert [p.name for p, _ in load_results(root)] == ["seed0.json", "seed1.json", "seed2.json"]
+    assert is_result_name("seed12.json") and not is_result_name("seed0.status.json")
+    for args in (["table"], ["plot", "--x", "tp"]):
+        res = mtbench(*args, "--results-dir", str(root), "--out-dir", str(tmp_path / "o"))
+        assert res.returncode == 0, (args, res.stderr)
+
+
 def test_an_invalid_existing_result_is_not_skipped_nor_listed_as_done(tmp_path):
     """``--existing skip`` (the default) only skips a run whose result file is a valid result; ``status`` lists a
     corrupt one as failed, naming the problem."""
