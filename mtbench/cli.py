@@ -153,7 +153,8 @@ def run(
         if given:
             raise MtbenchError(f"{', '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} with --launcher "
                                "(slurm | local)")
-    req = RunRequest(methods=methods, dataset=dataset, tasks=[t.strip() for t in tasks.split(",")] if tasks else None,
+    task_list = None if tasks is None else [t.strip() for t in tasks.split(",")]  # "" is a task name, not "default"
+    req = RunRequest(methods=methods, dataset=dataset, tasks=task_list,
                      seed=seed, device=device, epochs=epochs, batch_size=batch_size, lr=lr,
                      max_train_batches=max_train_batches, data_root=data_root, weights=weights, init=init,
                      results_dir=results_dir, existing=existing, train_size=train_size, command=default_command(),
@@ -222,6 +223,8 @@ def eval_cmd(
         raise MtbenchError(f"unknown --split {split!r}; valid: test, val")
     if batch_size < 1:
         raise MtbenchError(f"--batch-size must be >= 1, got {batch_size}")
+    if data_root is not None and not Path(data_root).is_dir():
+        raise MtbenchError(f"data root not found: {data_root!r}")
     report = evaluate_result(result, split=split, data_root=data_root, state=state, device=device,
                              batch_size=batch_size)
     t = Table(title=escape(f"{report.label}, {split} split ({report.n_images} images)"), title_justify="left")
@@ -322,8 +325,11 @@ def table(
 
     from mtbench.results import check_output_dir
 
+    from mtbench.datasets import get_dataset
+
     if kind not in ("paper", "cost"):
         raise MtbenchError(f"unknown --kind {kind!r}; valid: paper, cost")
+    get_dataset(dataset)  # an unknown dataset: the registered ones, not "no result files"
     check_output_dir(out_dir, "--out-dir")
     try:
         if kind == "cost":
@@ -434,8 +440,10 @@ def references(
     results_dir: str = typer.Option("results", help="where result files are"),
 ) -> None:
     """Write the single-task references used for Δm from this dataset's ``single_task`` results (mean over seeds)."""
+    from mtbench.datasets import get_dataset
     from mtbench.references import write_references
 
+    get_dataset(dataset)
     path, entry = write_references(results_dir, dataset)
     console.print(f"wrote {path}: " + ", ".join(f"{k} {v:.2f}" for k, v in entry["primary"].items()))
 
@@ -450,11 +458,12 @@ def pretrain(
     """Pretrain the embedded small Swin on the synthetic *upstream* split (never on train/val/test images)."""
     from mtbench.pretrain import pretrain_embedded
     from mtbench.results import check_output_file
-    from mtbench.runner import resolve_device
+    from mtbench.runner import check_seeds, resolve_device
     from mtbench.cpu import configure_cpu
 
     if epochs < 1:
         raise MtbenchError(f"--epochs must be >= 1, got {epochs}")
+    check_seeds([seed])
     if out:
         check_output_file(out, "--out")
     configure_cpu()
@@ -482,10 +491,16 @@ def attention(
     from mtbench.figures import attention_figure
     from mtbench.runner import load_trained
 
+    from mtbench.results import check_output_file
+
     if n < 1:
         raise MtbenchError(f"--n must be >= 1, got {n}")
     if data_root is not None and not Path(data_root).is_dir():
         raise MtbenchError(f"data root not found: {data_root!r}")
+    if out:
+        if Path(out).suffix.lower() != ".png":
+            raise MtbenchError(f"--out {out!r}: the figure is a PNG; give a path ending in .png")
+        check_output_file(out, "--out")
     model, res = load_trained(result, state)
     test = build_dataset(res.run.dataset, "test", root=data_root, tasks=res.run.tasks)
     images = torch.stack([test[i]["image"] for i in range(min(n, len(test)))])
@@ -556,6 +571,9 @@ def plot(
     for a in axes:
         if a not in AXES:
             raise MtbenchError(f"unknown --x {a!r}; valid: {', '.join(AXES)}")
+    from mtbench.datasets import get_dataset
+
+    get_dataset(dataset)
     check_output_dir(out_dir, "--out-dir")
     points, device = cost_points(results_dir, dataset, reported=reported)
     if "memory" in axes:
@@ -590,9 +608,10 @@ def profile(
     scaling: Optional[str] = typer.Option(None, help="'tasks': repeat the measurement with T = 1..--max-tasks "
                                           "tasks, write a CSV and a plot"),
     max_tasks: Optional[int] = typer.Option(None, help="largest T of --scaling tasks (default 8)"),
-    results_dir: str = typer.Option("results", help="profiles go beside the results: "
-                                    "{results_dir}/{dataset}/{method}/{key}/profile_{device}.json"),
-    out_dir: str = typer.Option("reports", help="where --scaling writes its CSV and figure"),
+    results_dir: Optional[str] = typer.Option(None, help="profiles go beside the results: "
+                                              "{results_dir}/{dataset}/{method}/{key}/profile_{device}.json "
+                                              "(default results)"),
+    out_dir: Optional[str] = typer.Option(None, help="where --scaling writes its CSV and figure (default reports)"),
     memory: bool = typer.Option(True, help="measure peak memory (one fresh process per method and mode)"),
     activation_checkpoint: str = typer.Option("none", help=_ACTIVATION_HELP + "; profiles are written as "
                                               "profile_{device}_ckpt-{mode}.json beside the default ones"),
@@ -607,6 +626,15 @@ def profile(
     from mtbench.cpu import configure_cpu
 
     get_dataset(dataset)  # an unknown dataset: MtbenchError naming the registered ones
+    if scaling is None:
+        if given := [f for f, v in (("--max-tasks", max_tasks), ("--out-dir", out_dir)) if v is not None]:
+            raise MtbenchError(f"{', '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} with --scaling tasks")
+    elif given := [f for f, v in (("--compare-to", compare_to), ("--results-dir", results_dir),
+                                  ("--activation-checkpoint", None if activation_checkpoint == "none" else 1))
+                   if v is not None]:
+        raise MtbenchError(f"{', '.join(given)} do{'' if len(given) > 1 else 'es'} not apply with --scaling tasks "
+                           "(it writes a CSV and a figure under --out-dir, no profiles)")
+    results_dir, out_dir = results_dir or "results", out_dir or "reports"
     check_output_dir(results_dir, "--results-dir")
     if rounds < 1:
         raise MtbenchError(f"--rounds must be >= 1, got {rounds}")
@@ -616,8 +644,6 @@ def profile(
         raise MtbenchError(f"--batch-size must be >= 1, got {batch_size}")
     if scaling not in (None, "tasks"):
         raise MtbenchError(f"unknown --scaling {scaling!r}; valid: tasks")
-    if max_tasks is not None and scaling is None:
-        raise MtbenchError("--max-tasks only applies with --scaling tasks")
     max_tasks = 8 if max_tasks is None else max_tasks
     if max_tasks < 1:
         raise MtbenchError(f"--max-tasks must be >= 1, got {max_tasks}")
@@ -628,6 +654,8 @@ def profile(
     specs = [s.label() for s in parsed]
     labels = [resolve_spec(s).label for s in parsed]  # validates every name and option before anything is built
     if compare_to is not None:
+        if not compare_to.strip(",").strip():
+            raise MtbenchError(f"--compare-to {compare_to!r} names no method; give one of: {', '.join(labels)}")
         ref = parse_method_specs(compare_to)
         if len(ref) != 1 or resolve_spec(ref[0]).label not in labels:
             raise MtbenchError(f"--compare-to {compare_to!r} is not among the profiled methods; valid: "
@@ -731,6 +759,10 @@ def interaction_cost_cmd(
         raise MtbenchError(f"--tasks {tasks!r} / --sizes {sizes!r}: need task counts >= 1 and sizes HxW >= 32")
     if repeats < 1:
         raise MtbenchError(f"--repeats must be >= 1, got {repeats}")
+    if len(set(counts)) != len(counts) or len(set(dims)) != len(dims):
+        raise MtbenchError(f"--tasks {tasks!r} / --sizes {sizes!r}: a value is given twice")
+    if not out.strip() or out.endswith(("/", ".")):
+        raise MtbenchError(f"--out {out!r} is not an output stem (e.g. reports/figures/inter_task_cost)")
     check_output_file(out + ".json", "--out")
     specs = [resolve_decoder(d.strip(), "swin_tiny_patch4_window7_224") for d in decoder.split(",")]
     def identity(s) -> bool:
@@ -741,6 +773,8 @@ def interaction_cost_cmd(
         raise MtbenchError(f"--decoder {', '.join(flat)}: no interaction stage to measure (identity); decoders with "
                            f"one: {', '.join(with_stage)}")
     names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise MtbenchError(f"--decoder {decoder!r} names one decoder twice ({', '.join(names)})")
     dev = resolve_device(device)
     configure_cpu()
     rows = []

@@ -17,6 +17,7 @@ A comma-separated item that contains ``=`` but no ``:`` continues the options of
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
@@ -135,12 +136,17 @@ def _convert(method: str, key: str, raw: Any, hint: Any) -> Any:
         if hint is int:
             return int(text)
         if hint is float:
-            return float(text)
+            value = float(text)
+            if not math.isfinite(value):
+                raise MtbenchError(f"{method}: option {key}={raw!r} is not a finite number")
+            return value
         if origin is tuple:
             items = tuple(text.split("+"))
             if not all(items):
                 raise MtbenchError(f"{method}: option {key}={raw!r} has an empty item; give items joined by single "
                                    "'+'")
+            if len(set(items)) != len(items):
+                raise MtbenchError(f"{method}: option {key}={raw!r} names an item twice")
             return items
         return text
     except MtbenchError:

@@ -185,17 +185,22 @@ def resolve_decoder(name: str | None, backbone_name: str) -> DecoderSpec:
         MtbenchError: unknown name (the message lists the valid ones).
     """
     default = DEFAULT_DECODER.get(backbone_name, "mtlora_hrnet")
+    if name is not None and (not name.strip() or name.startswith("+") or name.endswith("+")):
+        raise MtbenchError(f"decoder {name!r} is not a decoder name; valid: {', '.join(_valid_names())}")
     key = name or default
     base, _, inter = key.partition("+") if "+" in key else (
         (default, "+", key) if key in INTERACTIONS else (key, "", ""))
     if base not in DECODERS or (inter and inter not in INTERACTIONS):
-        valid = list(DECODERS) + list(INTERACTIONS) + [f"DECODER+{i}" for i in INTERACTIONS]
-        raise MtbenchError(f"unknown decoder {name!r}; valid: {', '.join(valid)}")
+        raise MtbenchError(f"unknown decoder {name!r}; valid: {', '.join(_valid_names())}")
     if not inter:
         return DECODERS[base]
     spec = DECODERS[base]
     return DecoderSpec(f"{base}+{inter}", spec.make_task, INTERACTIONS[inter][0], spec.neck_channels,
                        f"{spec.description}, with the interaction stage {inter}")
+
+
+def _valid_names() -> list[str]:
+    return list(DECODERS) + list(INTERACTIONS) + [f"DECODER+{i}" for i in INTERACTIONS]
 
 
 def _register_builtin_interactions() -> None:

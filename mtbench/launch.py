@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -123,9 +124,13 @@ def sweep_status(results_dir: str | Path, sweep: str | None = None) -> tuple[Pat
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         runs = data["runs"]
+        if not isinstance(runs, list) or not all(isinstance(r, dict) and isinstance(r.get("path"), str)
+                                                 and isinstance(r.get("label"), str) and isinstance(r.get("seed"), int)
+                                                 for r in runs):
+            raise TypeError
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
-        raise MtbenchError(f"{str(path)!r} is not a sweep file (JSON with a 'runs' list, written by `mtbench run` "
-                           "under RESULTS_DIR/sweeps)") from None
+        raise MtbenchError(f"{str(path)!r} is not a sweep file (JSON with a 'runs' list of {{label, seed, path, ...}}, "
+                           "written by `mtbench run` under RESULTS_DIR/sweeps)") from None
     rows = []
     for r in runs:
         state, detail = run_state(r["path"])
@@ -236,16 +241,13 @@ def parse_time(text: str) -> int:
     Raises:
         MtbenchError: anything else.
     """
-    try:
-        if ":" in text:
-            h, m = text.split(":")
-            minutes = int(h) * 60 + int(m)
-        else:
-            minutes = int(text)
-    except ValueError:
-        minutes = -1
+    h, colon, m = text.strip().partition(":")
+    if not (h.isdigit() and (not colon or (m.isdigit() and len(m) == 2 and int(m) < 60))):
+        minutes = 0
+    else:
+        minutes = int(h) * 60 + int(m) if colon else int(h)
     if minutes <= 0:
-        raise MtbenchError(f"--time {text!r} is not HH:MM (or minutes) > 0")
+        raise MtbenchError(f"--time {text!r} is not HH:MM (MM 00-59) or whole minutes, > 0")
     return minutes
 
 
@@ -267,14 +269,17 @@ def submit(req, runs, launcher: str, partition: str | None, gpus_per_job: int, t
     import submitit
 
     if launcher not in LAUNCHERS:
-        raise MtbenchError(f"unknown --launcher {launcher!r}; valid: none, {', '.join(LAUNCHERS)}")
+        raise MtbenchError(f"unknown --launcher {launcher!r}; valid: {', '.join(LAUNCHERS)} (or no --launcher)")
     if launcher == "slurm" and not partition:
         raise MtbenchError("--launcher slurm needs --partition")
+    if launcher == "slurm" and shutil.which("sbatch") is None:  # submitit would fall back to local processes
+        raise MtbenchError("--launcher slurm needs SLURM's sbatch on PATH, and it is not there (--launcher local runs "
+                           "the jobs on this machine)")
     if gpus_per_job < 0:
         raise MtbenchError(f"--gpus-per-job must be >= 0, got {gpus_per_job}")
     minutes = parse_time(time_text)
     folder = Path(folder or Path(req.results_dir) / "submitit")
-    executor = submitit.AutoExecutor(folder=folder / "%j", cluster=None if launcher == "slurm" else "local")
+    executor = submitit.AutoExecutor(folder=folder / "%j", cluster=launcher)
     tasks = max(1, gpus_per_job)
     params: dict[str, Any] = {"timeout_min": minutes, "tasks_per_node": tasks, "nodes": 1, "name": "mtbench"}
     if gpus_per_job:

@@ -8,6 +8,7 @@ no file behind.
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
 import platform
 import subprocess
@@ -146,6 +147,9 @@ def plan(req: RunRequest) -> tuple[list[TaskSpec], list[PlannedRun], TrainConfig
                            "at its input size")
     if req.init not in ("pretrained", "random"):
         raise MtbenchError(f"unknown --init {req.init!r}; valid: pretrained, random")
+    if req.weights is not None and req.init == "random":
+        raise MtbenchError("--init random and --weights exclude each other (--weights initialises the backbone from "
+                           "that checkpoint)")
     if req.weights is not None and not Path(req.weights).is_file():
         raise MtbenchError(f"weights file not found: {req.weights!r}")
     if req.data_root is not None and not Path(req.data_root).is_dir():
@@ -157,12 +161,11 @@ def plan(req: RunRequest) -> tuple[list[TaskSpec], list[PlannedRun], TrainConfig
     if req.train_size is not None and req.train_size < 1:
         raise MtbenchError(f"--train-size must be >= 1, got {req.train_size}")
     seeds = list(req.seeds) if req.seeds else [req.seed]
-    if bad := [s for s in seeds if not 0 <= s < 2**63]:
-        raise MtbenchError(f"a seed must be in 0..2**63-1 (torch's generator seed), got {bad[0]}")
+    check_seeds(seeds)
     if len(set(seeds)) != len(seeds):
         raise MtbenchError(f"--seeds lists a seed twice: {','.join(map(str, seeds))}")
-    if req.checkpoint_minutes < 0:
-        raise MtbenchError(f"--checkpoint-minutes must be >= 0, got {req.checkpoint_minutes}")
+    if not req.checkpoint_minutes >= 0 or math.isinf(req.checkpoint_minutes):
+        raise MtbenchError(f"--checkpoint-minutes must be a finite number >= 0, got {req.checkpoint_minutes}")
     backbone = get_dataset(req.dataset).backbone
     if req.decoder is not None:  # validated before anything runs; None keeps each method's own default decoder
         resolve_decoder(req.decoder, backbone)
@@ -186,6 +189,16 @@ def plan(req: RunRequest) -> tuple[list[TaskSpec], list[PlannedRun], TrainConfig
             raise MtbenchError(f"method {r.method.spec.label()!r} is listed twice")
         seen.add(r.path)
     return tasks, runs, recipe
+
+
+def check_seeds(seeds) -> None:
+    """Every seed in ``0..2**63-1``, the range of torch's generator seed.
+
+    Raises:
+        MtbenchError: the first seed outside it.
+    """
+    if bad := [s for s in seeds if not 0 <= s < 2**63]:
+        raise MtbenchError(f"a seed must be in 0..2**63-1 (torch's generator seed), got {bad[0]}")
 
 
 def run_identity(req: RunRequest, rm: ResolvedMethod, tasks: list[TaskSpec], recipe: TrainConfig) -> RunIdentity:
@@ -431,6 +444,12 @@ def load_trained(result_file: str | Path, state_file: str | Path | None = None):
     missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in state]
     if missing:
         raise MtbenchError(f"checkpoint {str(ckpt)!r} lacks {len(missing)} trained tensors, e.g. {missing[0]!r}")
+    own = model.state_dict()
+    if wrong := [n for n, t in state.items() if n in own and tuple(t.shape) != tuple(own[n].shape)]:
+        n = wrong[0]
+        raise MtbenchError(f"checkpoint {str(ckpt)!r} does not fit {result.run.label}: {n!r} is "
+                           f"{list(state[n].shape)}, the model's is {list(own[n].shape)} ({len(wrong)} such tensors; "
+                           "a state of another method or option?)")
     model.load_state_dict(state, strict=False)
     return model.eval(), result
 

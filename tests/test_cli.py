@@ -30,6 +30,10 @@ def files_under(path: Path) -> list[Path]:
     (["--methods", "mtlora_plus:plus=false"],
      "the variant mtlora_plus is mtlora with plus=true; for plus=false use mtlora:plus=false"),
     (["--methods", "vpt_deep:deep=0"], "the variant vpt_deep is vpt with deep=true; for deep=0 use vpt:deep=0"),
+    (["--methods", "lora:targets=qkv+qkv"], "lora: option targets='qkv+qkv' names an item twice"),
+    (["--methods", "lora:scale=nan"], "lora: option scale='nan' is not a finite number"),
+    (["--methods", "lora", "--decoder", "hrnet_270+"], "decoder 'hrnet_270+' is not a decoder name; valid: "),
+    (["--methods", "lora", "--decoder", ""], "decoder '' is not a decoder name; valid: "),
 ])
 def test_run_bad_input_is_one_line_exit_2(tmp_path, args, message):
     res = mtbench("run", *args, "--results-dir", str(tmp_path / "results"))

@@ -134,6 +134,14 @@ def test_measured_row_shows_reported_twin_in_its_own_columns(tmp_path):
     (["params", "--methods", ",,"], "--methods ',,': params takes method names"),
     (["table", "--kind", "speed"], "unknown --kind 'speed'"),
     (["profile", "--methods", "lora", "--max-tasks", "3"], "--max-tasks only applies with --scaling tasks"),
+    (["profile", "--methods", "lora", "--out-dir", "x"], "--out-dir only applies with --scaling tasks"),
+    (["profile", "--methods", "lora", "--scaling", "tasks", "--compare-to", "lora", "--activation-checkpoint",
+      "all"], "--compare-to, --activation-checkpoint do not apply with --scaling tasks"),
+    (["profile", "--methods", "lora", "--compare-to", ""], "--compare-to '' names no method; give one of: lora"),
+    (["table", "--dataset", "bogus"], "unknown dataset 'bogus'"),
+    (["table", "--dataset", "bogus", "--reported"], "unknown dataset 'bogus'"),
+    (["plot", "--dataset", "bogus"], "unknown dataset 'bogus'"),
+    (["references", "--dataset", "bogus"], "unknown dataset 'bogus'"),
     (["data", "check", "--dataset", "pascal_context", "--workers", "-1"], "--workers must be >= 0"),
 ])
 def test_new_commands_bad_input_is_one_line_exit_2(args, needle):

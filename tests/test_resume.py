@@ -216,6 +216,12 @@ def test_two_processes_writing_one_results_directory_lose_nothing(tmp_path):
     (["--partition", "gpu"], "--partition only applies with --launcher (slurm | local)"),
     (["--time", "01:00", "--wait"], "--time, --wait only apply with --launcher (slurm | local)"),
     (["--gpus-per-job", "0"], "--gpus-per-job only applies with --launcher"),
+    (["--launcher", "local", "--time", "1:99"], "--time '1:99' is not HH:MM (MM 00-59) or whole minutes, > 0"),
+    (["--launcher", "local", "--time=-1:30"], "--time '-1:30' is not HH:MM"),
+    (["--launcher", "none"], "unknown --launcher 'none'; valid: slurm, local (or no --launcher)"),
+    (["--init", "random", "--weights", "/etc/hostname"], "--init random and --weights exclude each other"),
+    (["--checkpoint-minutes", "nan"], "--checkpoint-minutes must be a finite number >= 0, got nan"),
+    (["--tasks", ""], "unknown task '' for dataset 'synthetic'"),
 ])
 def test_run_flag_errors_are_one_line(tmp_path, args, message):
     res = mtbench("run", "--methods", "lora", "--results-dir", str(tmp_path), *args)
@@ -223,6 +229,20 @@ def test_run_flag_errors_are_one_line(tmp_path, args, message):
     assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], \
         res.stderr
     assert not any(p.is_file() for p in tmp_path.rglob("*"))
+
+
+def test_launcher_slurm_without_sbatch_is_refused_not_run_locally(tmp_path):
+    """submitit's AutoExecutor falls back to local processes where SLURM is missing; mtbench refuses instead."""
+    import os
+    import sys
+
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable)}  # no sbatch on this PATH
+    res = mtbench("run", "--methods", "lora", "--results-dir", str(tmp_path), "--launcher", "slurm", "--partition",
+                  "gpu", env=env)
+    assert res.returncode == 2 and res.stderr.strip() == (
+        "error: --launcher slurm needs SLURM's sbatch on PATH, and it is not there (--launcher local runs the jobs "
+        "on this machine)"), res.stderr
+    assert not list(tmp_path.rglob("*.json"))
 
 
 def test_an_output_directory_that_is_a_file_fails_before_any_work(tmp_path):
@@ -240,6 +260,9 @@ def test_an_output_directory_that_is_a_file_fails_before_any_work(tmp_path):
                                                           "that can be written (a directory, or under a file)")
     res = mtbench("pretrain", "--epochs", "0")
     assert res.returncode == 2 and res.stderr.strip() == "error: --epochs must be >= 1, got 0"
+    res = mtbench("pretrain", "--seed", "-1", "--out", str(tmp_path / "w.safetensors"))
+    assert res.returncode == 2 and res.stderr.strip() == ("error: a seed must be in 0..2**63-1 (torch's generator "
+                                                          "seed), got -1")
     assert afile.read_text() == "" and sorted(tmp_path.iterdir()) == [afile]
 
 
@@ -268,10 +291,23 @@ def test_eval_and_status_errors(tmp_path):
             lines = res.stderr.strip().splitlines()
             assert res.returncode == 2 and len(lines) == 1 and message in lines[0], (cmd, name, res.stderr)
             assert lines[0].startswith("error: ") and repr(str(tmp_path / name)) in lines[0]
+    res = mtbench("eval", "--result", str(tmp_path / "empty.json"), "--data-root", str(tmp_path / "nope"))
+    assert res.returncode == 2 and res.stderr.strip() == f"error: data root not found: {str(tmp_path / 'nope')!r}"
+    assert not (tmp_path / "nope").exists()
+    res = mtbench("attention", "--result", str(tmp_path / "empty.json"), "--out", str(tmp_path / "maps.txt"))
+    assert res.returncode == 2 and res.stderr.strip() == (f"error: --out {str(tmp_path / 'maps.txt')!r}: the figure "
+                                                          "is a PNG; give a path ending in .png")
     res = mtbench("eval", "--result", str(tmp_path / "empty.json"), "--batch-size", "0")
     assert res.returncode == 2 and res.stderr.strip() == "error: --batch-size must be >= 1, got 0"
     res = mtbench("status", "--sweep", str(tmp_path / "empty.json"))
     assert res.returncode == 2 and res.stderr.strip().startswith(f"error: '{tmp_path / 'empty.json'}' is not a sweep")
+    for i, runs in enumerate((5, "abc", [{}], [{"path": "/x/seed0.json"}], [{"path": "/x/seed0.json", "label": "a"}])):
+        bad = tmp_path / f"sweep{i}.json"
+        bad.write_text(json.dumps({"runs": runs}))
+        res = mtbench("status", "--sweep", str(bad))
+        assert res.returncode == 2 and res.stderr.strip() == (
+            f"error: '{bad}' is not a sweep file (JSON with a 'runs' list of {{label, seed, path, ...}}, written by "
+            "`mtbench run` under RESULTS_DIR/sweeps)"), (runs, res.stderr)
     res = mtbench("status", "--results-dir", str(tmp_path))
     assert res.returncode == 2 and res.stderr.startswith("error: no sweep recorded")
 
@@ -295,6 +331,37 @@ def test_eval_and_attention_without_the_trained_state_name_it_and_take_state(tmp
         assert res.returncode == 2 and res.stderr.strip() == (
             f"error: state file not found: {str(tmp_path / 'nope.safetensors')!r}"), (cmd, res.stderr)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["seed0.json"]
+
+
+def test_a_state_of_another_configuration_is_a_one_line_error(tmp_path):
+    """A state file whose tensors have the model's names but other shapes (a state of another rank) is refused
+    naming the first such tensor, instead of torch's size-mismatch traceback."""
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from mtbench.runner import load_trained
+
+    src = Path(__file__).parents[1] / "results/reference/synthetic/lora/default/seed0.json"
+    result = tmp_path / "seed0.json"
+    shutil.copy(src, result)
+    data = json.loads(result.read_text())
+    data["run"]["options"]["r"] = 8  # the state below is of r=4; read as a result of r=8
+    result.write_text(json.dumps(data))
+    from mtbench.config import MethodSpec
+    from mtbench.registry import build_model, resolve_spec
+    from mtbench.swin import create_backbone
+    from mtbench.tasks import resolve_tasks
+
+    model = build_model(resolve_spec(MethodSpec("lora", {})), create_backbone(data["run"]["backbone"],
+                        pretrained=False), resolve_tasks("synthetic", data["run"]["tasks"]))
+    state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(state, str(tmp_path / "seed0.safetensors"))
+    with pytest.raises(MtbenchError) as e:
+        load_trained(result)
+    msg = str(e.value)
+    assert "does not fit lora" in msg and "lora_A" in msg and ", 32], the model's is [8, 32]" in msg, msg
 
 
 def test_a_failed_runs_status_file_does_not_break_the_reports(tmp_path):
