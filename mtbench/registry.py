@@ -164,6 +164,9 @@ def resolve_spec(spec: MethodSpec) -> ResolvedMethod:
     A variant defined by one option (``mtlora_plus``: ``plus=true``) cannot have that option overridden: the result
     would be the base method under a second name and a second result key. A variant defined by several options
     (``tadformer_official``) may have one of them overridden (e.g. ``tadformer_official:skip_layout=correct``).
+    Conversely a plain method given a variant's whole preset (``mtlora:plus=true``, ``adapter:share=shared``)
+    resolves to that variant (``mtlora_plus``, ``vl_adapter``), so one configuration has one key and one label; a
+    variant whose preset is the method's default (``vpt_shallow``) is left to its own name.
 
     Raises:
         MtbenchError: unknown method or option, an invalid value, or a one-option variant's option overridden.
@@ -176,6 +179,14 @@ def resolve_spec(spec: MethodSpec) -> ResolvedMethod:
             raise MtbenchError(f"{spec.label()}: the variant {variant} is {info.name} with {key}={_text(value)}; "
                                f"for {key}={spec.options[key]} use "
                                f"{info.name}:{key}={spec.options[key]}")
+    if variant == "default":
+        default = info.config_cls.from_options({})
+        for vname, vpreset in sorted(info.variants.items(), key=lambda kv: -len(kv[1])):
+            vcfg = info.config_cls.from_options(vpreset)
+            if (any(getattr(vcfg, k) != getattr(default, k) for k in vpreset)
+                    and all(getattr(cfg, k) == getattr(vcfg, k) for k in vpreset)):
+                rest = {k: v for k, v in spec.options.items() if k not in vpreset}
+                return ResolvedMethod(info, vname, cfg, MethodSpec(vname, rest))
     return ResolvedMethod(info, variant, cfg, spec)
 
 

@@ -364,6 +364,9 @@ def test_pascal_splits_tasks_and_errors(pascal_root):
     (pascal_root / "ImageSets" / "Context" / "val_select.txt").write_text("2008_000001\n")
     assert PascalMT(pascal_root, "val", tasks=["sal"]).ids == ["2008_000001"]
     assert len(PascalMT(pascal_root, "train", n=1)) == 1
+    with pytest.raises(MtbenchError, match=r"PASCAL_MT split 'train' has 2 images \(.*train.txt\); asked for the "
+                                           r"first 3$"):
+        PascalMT(pascal_root, "train", n=3)  # --train-size beyond the split: an error, not a smaller run
     with pytest.raises(MtbenchError, match="not found"):
         PascalMT(pascal_root / "missing", "train")
     with pytest.raises(MtbenchError, match="train.txt"):
@@ -448,6 +451,8 @@ def test_nyud_reader(nyud_root):
 def test_nyud_splits_and_errors(nyud_root):
     assert NYUDMT(nyud_root, "test").ids == ["img_5002"]
     assert NYUDMT(nyud_root, "val").ids == ["img_5002"]
+    with pytest.raises(MtbenchError, match="NYUD_MT split 'train' has 2 images .*; asked for the first 5$"):
+        NYUDMT(nyud_root, "train", n=5)
     s = NYUDMT(nyud_root, "train", tasks=["depth"], img_size=8)[0]
     assert set(s) == {"image", "depth", "meta"}
     with pytest.raises(MtbenchError, match="not found"):

@@ -112,6 +112,23 @@ def test_one_decoder_has_one_identity_whatever_its_spelling(tmp_path):
     assert key("mtlora_hrnet", "pascal_context") == "default"
 
 
+def test_a_variants_preset_given_as_options_is_that_variant(tmp_path):
+    """``mtlora:plus=true`` is ``mtlora_plus`` (one path, one label); a variant whose preset is the method's default
+    (``vpt_shallow``) keeps its own name, and a partial preset stays the plain method."""
+    from mtbench.runner import RunRequest, plan
+
+    def run(methods):
+        (r,) = plan(RunRequest(methods=methods, results_dir=str(tmp_path)))[1]
+        return r.path.parent.name, r.method.label
+
+    assert run("mtlora:plus=true") == run("mtlora_plus") == ("mtlora_plus", "mtlora_plus")
+    assert run("mtlora:plus=true,r=32") == run("mtlora_plus:r=32") == ("mtlora_plus_r=32", "mtlora_plus (r=32)")
+    assert run("adapter:share=shared") == run("vl_adapter") == ("vl_adapter", "vl_adapter")
+    assert run("vpt:deep=true") == run("vpt_deep")
+    assert run("vpt") == ("default", "vpt") and run("vpt_shallow") == ("vpt_shallow", "vpt_shallow")
+    assert run("tadformer:filter=static") == ("filter=static", "tadformer (filter=static)")
+
+
 def test_reconstruction_reads_train_size_from_the_recorded_command():
     path = REPO / "results/reference/synthetic/lora/default/seed0.json"
     data = json.loads(path.read_text())

@@ -191,6 +191,9 @@ class NYUDMT(Dataset):
         if not split_file.is_file():
             raise MtbenchError(f"NYUD_MT split file not found: {split_file}")
         ids = read_split_file(split_file)
+        if n is not None and int(n) > len(ids):
+            raise MtbenchError(f"NYUD_MT split {split!r} has {len(ids)} images ({split_file}); asked for the first "
+                               f"{int(n)}")
         if n is not None:
             ids = ids[: int(n)]
         if not ids:
