@@ -826,6 +826,8 @@ def train_memory_cmd(
     if batch_size < 1:
         raise MtbenchError(f"--batch-size must be >= 1, got {batch_size}")
     specs = [resolve_spec(s) for s in parse_method_specs(methods)]
+    if len({(s.name, s.method_key) for s in specs}) != len(specs):
+        raise MtbenchError(f"a method is listed twice in {methods!r}")
     dev = resolve_device(device)
     configure_cpu()
     task_specs = resolve_tasks(dataset)

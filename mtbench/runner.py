@@ -157,6 +157,8 @@ def plan(req: RunRequest) -> tuple[list[TaskSpec], list[PlannedRun], TrainConfig
     tasks = resolve_tasks(req.dataset, req.tasks)
     req.preset, recipe = resolve_recipe(req.dataset, req.preset, epochs=req.epochs, batch_size=req.batch_size,
                                         lr=req.lr, max_train_batches=req.max_train_batches)
+    if not str(req.results_dir).strip():
+        raise MtbenchError("--results-dir is empty; give a directory (default: results)")
     check_output_dir(req.results_dir, "--results-dir")
     if req.train_size is not None and req.train_size < 1:
         raise MtbenchError(f"--train-size must be >= 1, got {req.train_size}")
@@ -419,7 +421,11 @@ def load_trained(result_file: str | Path, state_file: str | Path | None = None):
 
     from mtbench.config import MethodSpec
 
+    if not str(result_file).strip():
+        raise MtbenchError("--result is empty; give a result file (results/{dataset}/{method}/{key}/seed{S}.json)")
     path = Path(result_file)
+    if path.is_dir():
+        raise MtbenchError(f"--result {str(path)!r} is a directory; give one of its seed{{S}}.json files")
     if not path.is_file():
         raise MtbenchError(f"result file not found: {str(path)!r}")
     result = read_result(path)

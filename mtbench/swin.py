@@ -245,7 +245,13 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise MtbenchError(f"cannot read checkpoint {str(path)!r}: {str(e).splitlines()[0]}") from None
+        import pickle
+
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(e, pickle.UnpicklingError) or "weights only load failed" in why.lower():
+            why = "not a tensor state dict that torch.load(weights_only=True) reads"  # never advise an unsafe load
+        raise MtbenchError(f"cannot read checkpoint {str(path)!r}: {why} (a timm or original Swin .pth, .bin or "
+                           ".safetensors)") from None
     if not isinstance(state, dict):
         raise MtbenchError(f"checkpoint {str(path)!r} holds no state dict")
     own = model.state_dict()

@@ -142,6 +142,8 @@ def test_measured_row_shows_reported_twin_in_its_own_columns(tmp_path):
     (["table", "--dataset", "bogus", "--reported"], "unknown dataset 'bogus'"),
     (["plot", "--dataset", "bogus"], "unknown dataset 'bogus'"),
     (["references", "--dataset", "bogus"], "unknown dataset 'bogus'"),
+    (["train-memory", "--methods", "mtlora:plus=true,mtlora_plus", "--dataset", "synthetic"],
+     "a method is listed twice in 'mtlora:plus=true,mtlora_plus'"),
     (["data", "check", "--dataset", "pascal_context", "--workers", "-1"], "--workers must be >= 0"),
 ])
 def test_new_commands_bad_input_is_one_line_exit_2(args, needle):

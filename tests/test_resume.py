@@ -222,6 +222,7 @@ def test_two_processes_writing_one_results_directory_lose_nothing(tmp_path):
     (["--init", "random", "--weights", "/etc/hostname"], "--init random and --weights exclude each other"),
     (["--checkpoint-minutes", "nan"], "--checkpoint-minutes must be a finite number >= 0, got nan"),
     (["--tasks", ""], "unknown task '' for dataset 'synthetic'"),
+    (["--results-dir", ""], "--results-dir is empty; give a directory (default: results)"),
 ])
 def test_run_flag_errors_are_one_line(tmp_path, args, message):
     res = mtbench("run", "--methods", "lora", "--results-dir", str(tmp_path), *args)
@@ -297,6 +298,12 @@ def test_eval_and_status_errors(tmp_path):
     res = mtbench("attention", "--result", str(tmp_path / "empty.json"), "--out", str(tmp_path / "maps.txt"))
     assert res.returncode == 2 and res.stderr.strip() == (f"error: --out {str(tmp_path / 'maps.txt')!r}: the figure "
                                                           "is a PNG; give a path ending in .png")
+    for cmd in ("eval", "attention"):
+        res = mtbench(cmd, "--result", "")
+        assert res.returncode == 2 and res.stderr.strip().startswith("error: --result is empty;"), res.stderr
+        res = mtbench(cmd, "--result", str(tmp_path))
+        assert res.returncode == 2 and res.stderr.strip() == (f"error: --result {str(tmp_path)!r} is a directory; give "
+                                                              "one of its seed{S}.json files"), res.stderr
     res = mtbench("eval", "--result", str(tmp_path / "empty.json"), "--batch-size", "0")
     assert res.returncode == 2 and res.stderr.strip() == "error: --batch-size must be >= 1, got 0"
     res = mtbench("status", "--sweep", str(tmp_path / "empty.json"))

@@ -68,6 +68,14 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(MtbenchError, match="cannot read checkpoint"):
         create_backbone("swin_embedded", weights=junk)
+    import pickle
+
+    code = tmp_path / "code.pth"  # a pickle that is not a tensor state dict: refused, and no advice to load it unsafely
+    code.write_bytes(pickle.dumps(pytest.approx, protocol=2))
+    with pytest.raises(MtbenchError) as e:
+        create_backbone("swin_embedded", weights=code)
+    assert str(e.value) == (f"cannot read checkpoint {str(code)!r}: not a tensor state dict that "
+                            "torch.load(weights_only=True) reads (a timm or original Swin .pth, .bin or .safetensors)")
     small = tmp_path / "small.pth"
     torch.save(_reference_model().state_dict(), small)
     with pytest.raises(MtbenchError, match="lacks|has shape|does not fit"):
