@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_entry import mtbench
+from cli_entry import mtbench, mtbench_many
 
 
 def files_under(path: Path) -> list[Path]:
     return [p for p in path.rglob("*") if p.is_file()] if path.exists() else []
 
 
-@pytest.mark.parametrize("args,message", [
+RUN_BAD_INPUT = [
     (["--methods", "nosuch"], "unknown method 'nosuch'; valid:"),
     (["--methods", "mtlora:r=-4"], "mtlora: r must be > 0, got -4"),
     (["--methods", "lora:dropout=1"], "lora: dropout must be in [0, 1), got 1.0"),
@@ -34,13 +34,17 @@ def files_under(path: Path) -> list[Path]:
     (["--methods", "lora:scale=nan"], "lora: option scale='nan' is not a finite number"),
     (["--methods", "lora", "--decoder", "hrnet_270+"], "decoder 'hrnet_270+' is not a decoder name; valid: "),
     (["--methods", "lora", "--decoder", ""], "decoder '' is not a decoder name; valid: "),
-])
-def test_run_bad_input_is_one_line_exit_2(tmp_path, args, message):
-    res = mtbench("run", *args, "--results-dir", str(tmp_path / "results"))
-    assert res.returncode == 2, res.stderr
-    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.stderr
-    assert "Traceback" not in res.stderr
+]
+
+
+def test_run_bad_input_is_one_line_exit_2(tmp_path):
+    """Each case through the installed entry point (one process for the batch: :func:`cli_entry.mtbench_many`)."""
+    results = mtbench_many(*(["run", *args, "--results-dir", str(tmp_path / "results")] for args, _ in RUN_BAD_INPUT))
+    for (args, message), res in zip(RUN_BAD_INPUT, results, strict=True):
+        assert res.returncode == 2, (args, res.stderr)
+        lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, res.stderr)
+        assert "Traceback" not in res.stderr
     assert files_under(tmp_path / "results") == []
 
 

@@ -1,4 +1,4 @@
-"""Usage errors of every command, through the installed ``mtbench`` entry point in a subprocess, as a user types them.
+"""Usage errors of every command, through the installed ``mtbench`` entry point, as a user types them.
 
 Whatever typer version pyproject allows (typer >= 0.26 vendors click as ``typer._click``), a usage error prints
 click's short usage message and exits 2 without a traceback, and bare ``mtbench`` shows the help.
@@ -10,8 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-from cli_entry import SCRIPT, mtbench
+from cli_entry import SCRIPT, mtbench, mtbench_many
 
 
 def _commands() -> list[str]:
@@ -48,19 +47,20 @@ COMMANDS = ["list", "run", "eval", "status", "table", "params", "references", "p
             "plot", "data", "interaction-cost", "train-memory"]
 
 
-@pytest.mark.parametrize("command", COMMANDS)
-def test_unknown_flag_on_every_command(command):
-    assert command in _commands()
-    res = mtbench(*(["data", "check"] if command == "data" else [command]), "--nosuchflag")
-    assert res.returncode == 2, res.stderr
-    assert "Traceback" not in res.stderr and "--nosuchflag" in res.stderr and "Usage" in res.stderr
+def test_unknown_flag_on_every_command():
+    """Each command through the installed entry point (one process for the batch: :func:`cli_entry.mtbench_many`)."""
+    argvs = [(["data", "check"] if command == "data" else [command]) + ["--nosuchflag"] for command in COMMANDS]
+    for command, res in zip(COMMANDS, mtbench_many(*argvs), strict=True):
+        assert command in _commands()
+        assert res.returncode == 2, (command, res.stderr)
+        assert "Traceback" not in res.stderr and "--nosuchflag" in res.stderr and "Usage" in res.stderr, command
 
 
 def test_every_command_is_covered():
     assert sorted(_commands()) == sorted(COMMANDS)
 
 
-@pytest.mark.parametrize("args,bad", [
+BAD_VALUES = [
     (["run", "--methods", "mtlora", "--epochs", "abc"], "--epochs"),
     (["run", "--epochs", "3"], "--methods"),
     (["params", "--dataset"], "--dataset"),
@@ -73,9 +73,11 @@ def test_every_command_is_covered():
     (["table", "--kind"], "--kind"),
     (["interaction-cost", "--repeats", "abc"], "--repeats"),
     (["train-memory", "--batch-size", "x"], "--batch-size"),
-])
-def test_bad_value_or_missing_argument(args, bad):
+]
+
+
+def test_bad_value_or_missing_argument():
     """click names the option whose value is bad or missing (typer >= 0.26 no longer repeats the value itself)."""
-    res = mtbench(*args)
-    assert res.returncode == 2, res.stderr
-    assert "Traceback" not in res.stderr and bad in res.stderr
+    for (args, bad), res in zip(BAD_VALUES, mtbench_many(*(a for a, _ in BAD_VALUES)), strict=True):
+        assert res.returncode == 2, (args, res.stderr)
+        assert "Traceback" not in res.stderr and bad in res.stderr, (args, res.stderr)

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from cli_entry import mtbench
+from cli_entry import mtbench, mtbench_many
 
 from mtbench.pareto import pareto_front
 
@@ -120,7 +120,7 @@ def test_measured_row_shows_reported_twin_in_its_own_columns(tmp_path):
     assert "TADFormer CVPR'25 Table 1" in row["reported in"]
 
 
-@pytest.mark.parametrize("args,needle", [
+NEW_COMMANDS_BAD_INPUT = [
     (["profile", "--methods", "nosuch"], "unknown method 'nosuch'"),
     (["profile", "--methods", "lora", "--dataset", "imagenet"], "unknown dataset 'imagenet'"),
     (["train-memory", "--methods", "lora", "--dataset", "imagenet"], "unknown dataset 'imagenet'"),
@@ -145,11 +145,16 @@ def test_measured_row_shows_reported_twin_in_its_own_columns(tmp_path):
     (["train-memory", "--methods", "mtlora:plus=true,mtlora_plus", "--dataset", "synthetic"],
      "a method is listed twice in 'mtlora:plus=true,mtlora_plus'"),
     (["data", "check", "--dataset", "pascal_context", "--workers", "-1"], "--workers must be >= 0"),
-])
-def test_new_commands_bad_input_is_one_line_exit_2(args, needle):
-    res = mtbench(*args)
-    assert res.returncode == 2, res.stderr
-    assert res.stderr.startswith("error: ") and needle in res.stderr and len(res.stderr.strip().splitlines()) == 1
+]
+
+
+def test_new_commands_bad_input_is_one_line_exit_2():
+    """Each case through the installed entry point (one process for the batch: :func:`cli_entry.mtbench_many`)."""
+    for (args, needle), res in zip(NEW_COMMANDS_BAD_INPUT, mtbench_many(*(a for a, _ in NEW_COMMANDS_BAD_INPUT)),
+                                   strict=True):
+        assert res.returncode == 2, (args, res.stderr)
+        assert res.stderr.startswith("error: ") and needle in res.stderr and len(res.stderr.strip().splitlines()) == 1, \
+            (args, res.stderr)
 
 
 def test_plot_without_results_is_one_line_error(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cli_entry import mtbench
+from cli_entry import mtbench, mtbench_many
 
 from mtbench.decoders import resolve_decoder
 from mtbench.errors import MtbenchError
@@ -106,7 +106,7 @@ def test_interaction_cost_command_writes_json_and_plot(tmp_path):
     assert "T=3: mtlora_hrnet+inter_task_mha / mtlora_hrnet+inter_task_deformable" in res.stdout
 
 
-@pytest.mark.parametrize("args,message", [
+BAD_INPUT = [
     (["interaction-cost", "--tasks", "x..8"], "--tasks 'x..8'"),
     (["interaction-cost", "--sizes", "448"], "--sizes '448'"),
     (["interaction-cost", "--decoder", "nosuch"], "unknown decoder 'nosuch'"),
@@ -116,9 +116,12 @@ def test_interaction_cost_command_writes_json_and_plot(tmp_path):
     (["interaction-cost", "--decoder", "inter_task_mha,hrnet_270"],
      "--decoder hrnet_270: no interaction stage to measure (identity); decoders with one: tsai, inter_task_mha"),
     (["run", "--methods", "mtlora", "--decoder", "hrnet_270+nosuch"], "unknown decoder 'hrnet_270+nosuch'"),
-])
-def test_bad_input_is_one_line_exit_2(args, message):
-    res = _cli(*args)
-    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
-    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], \
-        res.stderr
+]
+
+
+def test_bad_input_is_one_line_exit_2():
+    """Each case through the installed entry point (one process for the batch: :func:`cli_entry.mtbench_many`)."""
+    for (args, message), res in zip(BAD_INPUT, mtbench_many(*(a for a, _ in BAD_INPUT)), strict=True):
+        lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+        assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], \
+            (args, res.stderr)

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 import torch
-from cli_entry import mtbench
+from cli_entry import mtbench, mtbench_many
 from torch.utils.data import Subset
 
 from mtbench.errors import MtbenchError
@@ -200,7 +200,7 @@ def test_two_processes_writing_one_results_directory_lose_nothing(tmp_path):
         assert len(own) == 200
 
 
-@pytest.mark.parametrize("args,message", [
+RUN_FLAG_ERRORS = [
     (["--seeds", "0,x"], "--seeds '0,x' is not a comma-separated list"),
     (["--seeds", "1,1"], "lists a seed twice"),
     (["--jobs", "0"], "--jobs must be >= 1"),
@@ -223,12 +223,17 @@ def test_two_processes_writing_one_results_directory_lose_nothing(tmp_path):
     (["--checkpoint-minutes", "nan"], "--checkpoint-minutes must be a finite number >= 0, got nan"),
     (["--tasks", ""], "unknown task '' for dataset 'synthetic'"),
     (["--results-dir", ""], "--results-dir is empty; give a directory (default: results)"),
-])
-def test_run_flag_errors_are_one_line(tmp_path, args, message):
-    res = mtbench("run", "--methods", "lora", "--results-dir", str(tmp_path), *args)
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], \
-        res.stderr
+]
+
+
+def test_run_flag_errors_are_one_line(tmp_path):
+    """Each case through the installed entry point (one process for the batch: :func:`cli_entry.mtbench_many`)."""
+    results = mtbench_many(*(["run", "--methods", "lora", "--results-dir", str(tmp_path), *args]
+                             for args, _ in RUN_FLAG_ERRORS))
+    for (args, message), res in zip(RUN_FLAG_ERRORS, results, strict=True):
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], \
+            (args, res.stderr)
     assert not any(p.is_file() for p in tmp_path.rglob("*"))
 
 
@@ -247,23 +252,22 @@ def test_launcher_slurm_without_sbatch_is_refused_not_run_locally(tmp_path):
 
 
 def test_an_output_directory_that_is_a_file_fails_before_any_work(tmp_path):
+    """Each case through the installed entry point (one process for the batch: :func:`cli_entry.mtbench_many`)."""
     afile = tmp_path / "afile"
     afile.write_text("")
-    for args in (["run", "--methods", "lora", "--results-dir"], ["profile", "--methods", "lora", "--results-dir"],
-                 ["table", "--out-dir"], ["plot", "--out-dir"]):
-        res = mtbench(*args, str(afile))
-        assert res.returncode == 2 and res.stderr.strip() == f"error: {args[-1]} '{afile}' is a file, not a directory"
-    for args in (["--out", str(tmp_path)], ["--out", str(afile / "w.safetensors")]):
-        res = mtbench("pretrain", *args)
-        assert res.returncode == 2 and "is not a file path that can be written" in res.stderr
-    res = mtbench("interaction-cost", "--out", str(afile / "ic"))
-    assert res.returncode == 2 and res.stderr.strip() == (f"error: --out '{afile / 'ic.json'}' is not a file path "
-                                                          "that can be written (a directory, or under a file)")
-    res = mtbench("pretrain", "--epochs", "0")
-    assert res.returncode == 2 and res.stderr.strip() == "error: --epochs must be >= 1, got 0"
-    res = mtbench("pretrain", "--seed", "-1", "--out", str(tmp_path / "w.safetensors"))
-    assert res.returncode == 2 and res.stderr.strip() == ("error: a seed must be in 0..2**63-1 (torch's generator "
-                                                          "seed), got -1")
+    unwritable = "is not a file path that can be written (a directory, or under a file)"
+    cases = [(args + [str(afile)], f"error: {args[-1]} '{afile}' is a file, not a directory")
+             for args in (["run", "--methods", "lora", "--results-dir"], ["profile", "--methods", "lora",
+                          "--results-dir"], ["table", "--out-dir"], ["plot", "--out-dir"])]
+    cases += [(["pretrain", "--out", str(tmp_path)], f"error: --out '{tmp_path}' {unwritable}"),
+              (["pretrain", "--out", str(afile / "w.safetensors")], f"error: --out '{afile / 'w.safetensors'}' "
+                                                                      f"{unwritable}"),
+              (["interaction-cost", "--out", str(afile / "ic")], f"error: --out '{afile / 'ic.json'}' {unwritable}"),
+              (["pretrain", "--epochs", "0"], "error: --epochs must be >= 1, got 0"),
+              (["pretrain", "--seed", "-1", "--out", str(tmp_path / "w.safetensors")],
+               "error: a seed must be in 0..2**63-1 (torch's generator seed), got -1")]
+    for (args, expected), res in zip(cases, mtbench_many(*(a for a, _ in cases)), strict=True):
+        assert res.returncode == 2 and res.stderr.strip() == expected, (args, res.stderr)
     assert afile.read_text() == "" and sorted(tmp_path.iterdir()) == [afile]
 
 
@@ -279,44 +283,50 @@ def test_validation_loss_that_diverges_is_a_clear_error(monkeypatch):
 
 
 def test_eval_and_status_errors(tmp_path):
-    res = mtbench("eval", "--result", str(tmp_path / "nope.json"))
-    assert res.returncode == 2 and res.stderr.strip() == f"error: result file not found: '{tmp_path / 'nope.json'}'"
+    """Each case through the installed entry point (one process for the batch: :func:`cli_entry.mtbench_many`);
+    ``expected`` is the whole stderr line, or (with a trailing ``...``) its start."""
     (tmp_path / "trunc.json").write_text('{"run": ')
     (tmp_path / "seed0.safetensors").write_bytes(b"\x80\xc0" * 64)
     (tmp_path / "empty.json").write_text("{}")
+    cases: list[tuple[list[str], str]] = [
+        (["eval", "--result", str(tmp_path / "nope.json")], f"error: result file not found: '{tmp_path / 'nope.json'}'"),
+    ]
     for name, message in [("trunc.json", "Invalid JSON: EOF while parsing"),
                           ("seed0.safetensors", "not a text file (a result is the seed*.json a run writes)"),
                           ("empty.json", "run: Field required (and 6 more)")]:
         for cmd in ("eval", "attention"):
-            res = mtbench(cmd, "--result", str(tmp_path / name))
-            lines = res.stderr.strip().splitlines()
-            assert res.returncode == 2 and len(lines) == 1 and message in lines[0], (cmd, name, res.stderr)
-            assert lines[0].startswith("error: ") and repr(str(tmp_path / name)) in lines[0]
-    res = mtbench("eval", "--result", str(tmp_path / "empty.json"), "--data-root", str(tmp_path / "nope"))
-    assert res.returncode == 2 and res.stderr.strip() == f"error: data root not found: {str(tmp_path / 'nope')!r}"
-    assert not (tmp_path / "nope").exists()
-    res = mtbench("attention", "--result", str(tmp_path / "empty.json"), "--out", str(tmp_path / "maps.txt"))
-    assert res.returncode == 2 and res.stderr.strip() == (f"error: --out {str(tmp_path / 'maps.txt')!r}: the figure "
-                                                          "is a PNG; give a path ending in .png")
+            why = "cannot read" if name.endswith("safetensors") else "invalid"
+            cases.append(([cmd, "--result", str(tmp_path / name)],
+                          f"error: {why} result file {str(tmp_path / name)!r}: ...{message}"))
+    cases += [
+        (["eval", "--result", str(tmp_path / "empty.json"), "--data-root", str(tmp_path / "nope")],
+         f"error: data root not found: {str(tmp_path / 'nope')!r}"),
+        (["attention", "--result", str(tmp_path / "empty.json"), "--out", str(tmp_path / "maps.txt")],
+         f"error: --out {str(tmp_path / 'maps.txt')!r}: the figure is a PNG; give a path ending in .png"),
+        (["eval", "--result", str(tmp_path / "empty.json"), "--batch-size", "0"],
+         "error: --batch-size must be >= 1, got 0"),
+        (["status", "--sweep", str(tmp_path / "empty.json")], f"error: '{tmp_path / 'empty.json'}' is not a sweep..."),
+        (["status", "--results-dir", str(tmp_path)], "error: no sweep recorded..."),
+    ]
     for cmd in ("eval", "attention"):
-        res = mtbench(cmd, "--result", "")
-        assert res.returncode == 2 and res.stderr.strip().startswith("error: --result is empty;"), res.stderr
-        res = mtbench(cmd, "--result", str(tmp_path))
-        assert res.returncode == 2 and res.stderr.strip() == (f"error: --result {str(tmp_path)!r} is a directory; give "
-                                                              "one of its seed{S}.json files"), res.stderr
-    res = mtbench("eval", "--result", str(tmp_path / "empty.json"), "--batch-size", "0")
-    assert res.returncode == 2 and res.stderr.strip() == "error: --batch-size must be >= 1, got 0"
-    res = mtbench("status", "--sweep", str(tmp_path / "empty.json"))
-    assert res.returncode == 2 and res.stderr.strip().startswith(f"error: '{tmp_path / 'empty.json'}' is not a sweep")
+        cases += [([cmd, "--result", ""], "error: --result is empty;..."),
+                  ([cmd, "--result", str(tmp_path)],
+                   f"error: --result {str(tmp_path)!r} is a directory; give one of its seed{{S}}.json files")]
     for i, runs in enumerate((5, "abc", [{}], [{"path": "/x/seed0.json"}], [{"path": "/x/seed0.json", "label": "a"}])):
         bad = tmp_path / f"sweep{i}.json"
         bad.write_text(json.dumps({"runs": runs}))
-        res = mtbench("status", "--sweep", str(bad))
-        assert res.returncode == 2 and res.stderr.strip() == (
-            f"error: '{bad}' is not a sweep file (JSON with a 'runs' list of {{label, seed, path, ...}}, written by "
-            "`mtbench run` under RESULTS_DIR/sweeps)"), (runs, res.stderr)
-    res = mtbench("status", "--results-dir", str(tmp_path))
-    assert res.returncode == 2 and res.stderr.startswith("error: no sweep recorded")
+        cases.append((["status", "--sweep", str(bad)],
+                      f"error: '{bad}' is not a sweep file (JSON with a 'runs' list of {{label, seed, path, ...}}, "
+                      "written by `mtbench run` under RESULTS_DIR/sweeps)"))
+    for (args, expected), res in zip(cases, mtbench_many(*(a for a, _ in cases)), strict=True):
+        line = res.stderr.strip()
+        assert res.returncode == 2 and "\n" not in line, (args, res.stderr)
+        if "..." in expected:
+            head, _, tail = expected.partition("...")
+            assert line.startswith(head) and tail in line, (args, line)
+        else:
+            assert line == expected, (args, line)
+    assert not (tmp_path / "nope").exists()
 
 
 def test_eval_and_attention_without_the_trained_state_name_it_and_take_state(tmp_path):
