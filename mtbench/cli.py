@@ -82,6 +82,17 @@ class _RichProgress:
         return on_step, on_epoch
 
 
+def _refuse_given(options: dict[str, object], verbs: tuple[str, str], rest: str) -> None:
+    """Refuse the options of ``{flag: value}`` that were given (value not None) where they do not apply: ``--a, --b
+    VERBS[0] REST`` (``--a VERBS[1] REST`` for one), e.g. ``("only apply", "only applies")``.
+
+    Raises:
+        MtbenchError: naming every given one.
+    """
+    if given := [flag for flag, value in options.items() if value is not None]:
+        raise MtbenchError(f"{', '.join(given)} {verbs[len(given) == 1]} {rest}")
+
+
 def _int_list(text: str | None, flag: str) -> list[int] | None:
     if text is None:
         return None
@@ -148,11 +159,8 @@ def run(
     if jobs < 1:
         raise MtbenchError(f"--jobs must be >= 1, got {jobs}")
     if launcher is None:
-        given = [flag for flag, v in (("--partition", partition), ("--gpus-per-job", gpus_per_job),
-                                      ("--time", time), ("--wait", wait or None)) if v is not None]
-        if given:
-            raise MtbenchError(f"{', '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} with --launcher "
-                               "(slurm | local)")
+        _refuse_given({"--partition": partition, "--gpus-per-job": gpus_per_job, "--time": time,
+                       "--wait": wait or None}, ("only apply", "only applies"), "with --launcher (slurm | local)")
     task_list = None if tasks is None else [t.strip() for t in tasks.split(",")]  # "" is a task name, not "default"
     req = RunRequest(methods=methods, dataset=dataset, tasks=task_list,
                      seed=seed, device=device, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -217,14 +225,14 @@ def eval_cmd(
     batch_size: int = typer.Option(32, help="evaluation batch size"),
 ) -> None:
     """Rebuild a result's method from its recorded config, load the saved state and recompute the metrics."""
+    from mtbench.data import check_data_root
     from mtbench.evaluation import evaluate_result
 
     if split not in ("test", "val"):
         raise MtbenchError(f"unknown --split {split!r}; valid: test, val")
     if batch_size < 1:
         raise MtbenchError(f"--batch-size must be >= 1, got {batch_size}")
-    if data_root is not None and not Path(data_root).is_dir():
-        raise MtbenchError(f"data root not found: {data_root!r}")
+    check_data_root(data_root)
     report = evaluate_result(result, split=split, data_root=data_root, state=state, device=device,
                              batch_size=batch_size)
     t = Table(title=escape(f"{report.label}, {split} split ({report.n_images} images)"), title_justify="left")
@@ -323,9 +331,8 @@ def table(
         add_reported_columns, build_cost_table, build_table, format_cost_table, format_table, write_table,
     )
 
-    from mtbench.results import check_output_dir
-
     from mtbench.datasets import get_dataset
+    from mtbench.results import check_output_dir
 
     if kind not in ("paper", "cost"):
         raise MtbenchError(f"unknown --kind {kind!r}; valid: paper, cost")
@@ -375,7 +382,7 @@ def params(
     decoder: Optional[str] = typer.Option(None, help="decoder (default: the backbone's)"),
 ) -> None:
     """Build every method in the papers' setting (no data, no weights) and print #TP next to the papers'."""
-    from mtbench.config import MethodSpec
+    from mtbench.config import MethodSpec, option_text
     from mtbench.measure import COUNTING_RULE, count_params
     from mtbench.datasets import get_dataset
     from mtbench.registry import build_model, list_methods, resolve, resolve_spec
@@ -407,9 +414,7 @@ def params(
         if not any(all(defaults.get(k) == v for k, v in pc.options.items()) for pc in rows):
             rows.insert(0, None)  # the default configuration, when no paper row is it
         for pc in rows:
-            opts = {} if pc is None else {k: str(v).lower() if isinstance(v, bool) else
-                                          "+".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
-                                          for k, v in pc.options.items()}
+            opts = {} if pc is None else {k: option_text(v) for k, v in pc.options.items()}
             rm = resolve_spec(MethodSpec(info.name, opts))
             model = build_model(rm, create_backbone(backbone), task_specs, decoder=chosen)
             pb = count_params(model)
@@ -487,16 +492,14 @@ def attention(
     """Draw the task attention maps of a trained model (TADFormer Fig. 7) for a few test images."""
     import torch
 
-    from mtbench.data import build_dataset
+    from mtbench.data import build_dataset, check_data_root
     from mtbench.figures import attention_figure
-    from mtbench.runner import load_trained
-
     from mtbench.results import check_output_file
+    from mtbench.runner import load_trained
 
     if n < 1:
         raise MtbenchError(f"--n must be >= 1, got {n}")
-    if data_root is not None and not Path(data_root).is_dir():
-        raise MtbenchError(f"data root not found: {data_root!r}")
+    check_data_root(data_root)
     if out:
         if Path(out).suffix.lower() != ".png":
             raise MtbenchError(f"--out {out!r}: the figure is a PNG; give a path ending in .png")
@@ -563,6 +566,7 @@ def plot(
     out_dir: str = typer.Option("reports", help="where pareto_{dataset}_{x}.png and .pdf are written"),
 ) -> None:
     """Draw Δm against #TP, GFLOPs, training memory and latency with the Pareto front (PNG and PDF)."""
+    from mtbench.datasets import get_dataset
     from mtbench.measure import mixed_memory_warning
     from mtbench.pareto import AXES, cost_points, plot_cost
     from mtbench.results import check_output_dir
@@ -571,8 +575,6 @@ def plot(
     for a in axes:
         if a not in AXES:
             raise MtbenchError(f"unknown --x {a!r}; valid: {', '.join(AXES)}")
-    from mtbench.datasets import get_dataset
-
     get_dataset(dataset)
     check_output_dir(out_dir, "--out-dir")
     points, device = cost_points(results_dir, dataset, reported=reported)
@@ -627,13 +629,13 @@ def profile(
 
     get_dataset(dataset)  # an unknown dataset: MtbenchError naming the registered ones
     if scaling is None:
-        if given := [f for f, v in (("--max-tasks", max_tasks), ("--out-dir", out_dir)) if v is not None]:
-            raise MtbenchError(f"{', '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} with --scaling tasks")
-    elif given := [f for f, v in (("--compare-to", compare_to), ("--results-dir", results_dir),
-                                  ("--activation-checkpoint", None if activation_checkpoint == "none" else 1))
-                   if v is not None]:
-        raise MtbenchError(f"{', '.join(given)} do{'' if len(given) > 1 else 'es'} not apply with --scaling tasks "
-                           "(it writes a CSV and a figure under --out-dir, no profiles)")
+        _refuse_given({"--max-tasks": max_tasks, "--out-dir": out_dir}, ("only apply", "only applies"),
+                      "with --scaling tasks")
+    else:
+        _refuse_given({"--compare-to": compare_to, "--results-dir": results_dir,
+                       "--activation-checkpoint": None if activation_checkpoint == "none" else activation_checkpoint},
+                      ("do not apply", "does not apply"),
+                      "with --scaling tasks (it writes a CSV and a figure under --out-dir, no profiles)")
     results_dir, out_dir = results_dir or "results", out_dir or "reports"
     check_output_dir(results_dir, "--results-dir")
     if rounds < 1:
@@ -765,6 +767,7 @@ def interaction_cost_cmd(
         raise MtbenchError(f"--out {out!r} is not an output stem (e.g. reports/figures/inter_task_cost)")
     check_output_file(out + ".json", "--out")
     specs = [resolve_decoder(d.strip(), "swin_tiny_patch4_window7_224") for d in decoder.split(",")]
+
     def identity(s) -> bool:
         return isinstance(s.make_interaction(["t"], s.neck_channels), IdentityInteraction)
 

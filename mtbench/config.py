@@ -120,6 +120,16 @@ def probability(help: str, **meta) -> dict[str, Any]:
     return {"help": help, "ge": 0, "lt": 1, **meta}
 
 
+def option_text(value: Any) -> str:
+    """An option value as typed on the command line, the inverse of the parsing above: tuples and lists joined by
+    ``+``, booleans lower case, everything else ``str`` (a float's shortest round-tripping repr)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "+".join(map(str, value))
+    return str(value)
+
+
 def _convert(method: str, key: str, raw: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
     if not isinstance(raw, str):

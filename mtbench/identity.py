@@ -30,6 +30,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from mtbench.config import option_text
+
 #: Recipe fields a user can override on the command line, in path order, with the token used in paths and labels.
 RECIPE_OVERRIDES = {"epochs": "epochs", "batch_size": "batch-size", "lr": "lr", "train_size": "train-size",
                     "max_train_batches": "max-train-batches"}
@@ -118,7 +120,7 @@ class RunIdentity(BaseModel):
             if name == "preset":  # recipe overrides right after the preset they modify
                 for field, tok in RECIPE_OVERRIDES.items():
                     if field in self.overrides:
-                        out.append((tok, _fmt(self.overrides[field])))
+                        out.append((tok, option_text(self.overrides[field])))
         return out
 
     def method_key(self) -> str:
@@ -151,16 +153,6 @@ class RunIdentity(BaseModel):
         if not deps:
             return head
         return f"{head} [{'smoke: ' if self.is_smoke() else ''}{', '.join(deps)}]"
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return repr(v)
-    if isinstance(v, bool):
-        return str(v).lower()
-    if isinstance(v, (list, tuple)):
-        return "+".join(map(str, v))
-    return str(v)
 
 
 def _safe(v: str) -> str:
@@ -203,7 +195,7 @@ def option_departures(method: str, variant: str, options: dict[str, Any]) -> dic
 
     info, _, preset = resolve(method if variant == "default" else variant)
     base = info.config_cls.from_options({}, base=preset).to_dict()
-    return {k: _fmt(v) for k, v in options.items() if k in base and base[k] != v}
+    return {k: option_text(v) for k, v in options.items() if k in base and base[k] != v}
 
 
 @functools.lru_cache(maxsize=64)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mtbench.config import MethodConfig, MethodSpec
+from mtbench.config import MethodConfig, MethodSpec, option_text
 from mtbench.errors import MtbenchError
 
 
@@ -176,7 +176,7 @@ def resolve_spec(spec: MethodSpec) -> ResolvedMethod:
     if len(preset) == 1:
         (key, value), = preset.items()
         if key in spec.options and getattr(cfg, key) != getattr(info.config_cls.from_options(preset), key):
-            raise MtbenchError(f"{spec.label()}: the variant {variant} is {info.name} with {key}={_text(value)}; "
+            raise MtbenchError(f"{spec.label()}: the variant {variant} is {info.name} with {key}={option_text(value)}; "
                                f"for {key}={spec.options[key]} use "
                                f"{info.name}:{key}={spec.options[key]}")
     if variant == "default":
@@ -188,13 +188,6 @@ def resolve_spec(spec: MethodSpec) -> ResolvedMethod:
                 rest = {k: v for k, v in spec.options.items() if k not in vpreset}
                 return ResolvedMethod(info, vname, cfg, MethodSpec(vname, rest))
     return ResolvedMethod(info, variant, cfg, spec)
-
-
-def _text(value) -> str:
-    """An option value as typed on the command line (tuples joined by '+', booleans lower case)."""
-    if isinstance(value, tuple):
-        return "+".join(map(str, value))
-    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def build_model(resolved: ResolvedMethod, backbone, tasks, decoder: str | None = None):

@@ -20,6 +20,7 @@ import torch
 
 from mtbench.config import parse_method_specs
 from mtbench.cpu import APPLIED as CPU_SETTINGS, configure_cpu
+from mtbench.data import check_data_root
 from mtbench.decoders import resolve_decoder
 from mtbench.encoder import check_activation_checkpoint
 from mtbench.errors import MtbenchError
@@ -152,8 +153,7 @@ def plan(req: RunRequest) -> tuple[list[TaskSpec], list[PlannedRun], TrainConfig
                            "that checkpoint)")
     if req.weights is not None and not Path(req.weights).is_file():
         raise MtbenchError(f"weights file not found: {req.weights!r}")
-    if req.data_root is not None and not Path(req.data_root).is_dir():
-        raise MtbenchError(f"data root not found: {req.data_root!r}")
+    check_data_root(req.data_root)
     tasks = resolve_tasks(req.dataset, req.tasks)
     req.preset, recipe = resolve_recipe(req.dataset, req.preset, epochs=req.epochs, batch_size=req.batch_size,
                                         lr=req.lr, max_train_batches=req.max_train_batches)
@@ -166,7 +166,7 @@ def plan(req: RunRequest) -> tuple[list[TaskSpec], list[PlannedRun], TrainConfig
     check_seeds(seeds)
     if len(set(seeds)) != len(seeds):
         raise MtbenchError(f"--seeds lists a seed twice: {','.join(map(str, seeds))}")
-    if not req.checkpoint_minutes >= 0 or math.isinf(req.checkpoint_minutes):
+    if not 0 <= req.checkpoint_minutes < math.inf:
         raise MtbenchError(f"--checkpoint-minutes must be a finite number >= 0, got {req.checkpoint_minutes}")
     backbone = get_dataset(req.dataset).backbone
     if req.decoder is not None:  # validated before anything runs; None keeps each method's own default decoder
@@ -419,7 +419,7 @@ def load_trained(result_file: str | Path, state_file: str | Path | None = None):
     """
     from safetensors.torch import load_file
 
-    from mtbench.config import MethodSpec
+    from mtbench.config import MethodSpec, option_text
 
     if not str(result_file).strip():
         raise MtbenchError("--result is empty; give a result file (results/{dataset}/{method}/{key}/seed{S}.json)")
@@ -435,9 +435,7 @@ def load_trained(result_file: str | Path, state_file: str | Path | None = None):
     if not ckpt.is_file():
         raise MtbenchError(f"no trained state beside {str(path)!r} (expected {ckpt.name}); rerun with --existing "
                            "overwrite, or pass --state PATH")
-    opts = {k: ("+".join(v) if isinstance(v, list) else str(v).lower() if isinstance(v, bool) else str(v))
-            for k, v in result.run.options.items()}
-    rm = resolve_spec(MethodSpec(result.run.method, opts))
+    rm = resolve_spec(MethodSpec(result.run.method, {k: option_text(v) for k, v in result.run.options.items()}))
     init = result.run.init
     torch.manual_seed(result.run.seed)  # a random-init backbone is rebuilt exactly as run_one built it
     backbone = create_backbone(result.run.backbone, pretrained=(init == "pretrained"),

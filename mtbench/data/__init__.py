@@ -22,6 +22,17 @@ from mtbench.errors import MtbenchError
 BATCH_ERROR_KEY = "__data_error__"
 
 
+def check_data_root(root: str | os.PathLike | None) -> None:
+    """Fail before any work when a given data root (``--data-root``) is not a directory; None (the default root) is
+    checked where it is resolved.
+
+    Raises:
+        MtbenchError: ``data root not found: 'ROOT'``.
+    """
+    if root is not None and not os.path.isdir(root):
+        raise MtbenchError(f"data root not found: {str(root)!r}")
+
+
 def build_dataset(
     name: str,
     split: str,

@@ -15,6 +15,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mtbench.data import check_data_root
 from mtbench.errors import MtbenchError
 
 
@@ -72,8 +73,7 @@ def check_dataset(name: str, root: str | os.PathLike | None, *, workers: int | N
             raise MtbenchError(f"--data-root is needed (the {spec.data_dir}/ directory), or $MTBENCH_DATA set")
         root = os.path.join(base, spec.data_dir)
     root = Path(root).expanduser()
-    if not root.is_dir():
-        raise MtbenchError(f"data root not found: {str(root)!r}")
+    check_data_root(root)
     columns = ["image", *spec.tasks]
     report = CheckReport(root=str(root), columns=columns, expected=dict(spec.expected_counts))
     items = []
