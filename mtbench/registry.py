@@ -165,8 +165,9 @@ def resolve_spec(spec: MethodSpec) -> ResolvedMethod:
     would be the base method under a second name and a second result key. A variant defined by several options
     (``tadformer_official``) may have one of them overridden (e.g. ``tadformer_official:skip_layout=correct``).
     Conversely a plain method given a variant's whole preset (``mtlora:plus=true``, ``adapter:share=shared``)
-    resolves to that variant (``mtlora_plus``, ``vl_adapter``), so one configuration has one key and one label; a
-    variant whose preset is the method's default (``vpt_shallow``) is left to its own name.
+    resolves to that variant (``mtlora_plus``, ``vl_adapter``), so one configuration has one key and one label; so
+    does a plain method whose configuration is a variant's preset because that preset is the method's default
+    (``vpt`` and ``vpt:share=dedicated`` are ``vpt_shallow`` and ``vpt_shallow:share=dedicated``).
 
     Raises:
         MtbenchError: unknown method or option, an invalid value, or a one-option variant's option overridden.
@@ -180,11 +181,9 @@ def resolve_spec(spec: MethodSpec) -> ResolvedMethod:
                                f"for {key}={spec.options[key]} use "
                                f"{info.name}:{key}={spec.options[key]}")
     if variant == "default":
-        default = info.config_cls.from_options({})
         for vname, vpreset in sorted(info.variants.items(), key=lambda kv: -len(kv[1])):
             vcfg = info.config_cls.from_options(vpreset)
-            if (any(getattr(vcfg, k) != getattr(default, k) for k in vpreset)
-                    and all(getattr(cfg, k) == getattr(vcfg, k) for k in vpreset)):
+            if all(getattr(cfg, k) == getattr(vcfg, k) for k in vpreset):
                 rest = {k: v for k, v in spec.options.items() if k not in vpreset}
                 return ResolvedMethod(info, vname, cfg, MethodSpec(vname, rest))
     return ResolvedMethod(info, variant, cfg, spec)

@@ -113,8 +113,9 @@ def test_one_decoder_has_one_identity_whatever_its_spelling(tmp_path):
 
 
 def test_a_variants_preset_given_as_options_is_that_variant(tmp_path):
-    """``mtlora:plus=true`` is ``mtlora_plus`` (one path, one label); a variant whose preset is the method's default
-    (``vpt_shallow``) keeps its own name, and a partial preset stays the plain method."""
+    """``mtlora:plus=true`` is ``mtlora_plus`` (one path, one label); a method whose configuration is the preset of a
+    variant that is the method's default (``vpt``, ``vpt_shallow``) is that variant, and a partial preset stays the
+    plain method."""
     from mtbench.runner import RunRequest, plan
 
     def run(methods):
@@ -125,7 +126,9 @@ def test_a_variants_preset_given_as_options_is_that_variant(tmp_path):
     assert run("mtlora:plus=true,r=32") == run("mtlora_plus:r=32") == ("mtlora_plus_r=32", "mtlora_plus (r=32)")
     assert run("adapter:share=shared") == run("vl_adapter") == ("vl_adapter", "vl_adapter")
     assert run("vpt:deep=true") == run("vpt_deep")
-    assert run("vpt") == ("default", "vpt") and run("vpt_shallow") == ("vpt_shallow", "vpt_shallow")
+    assert run("vpt") == run("vpt_shallow") == run("vpt:deep=false") == ("vpt_shallow", "vpt_shallow")
+    assert run("vpt:share=shared") == run("vpt_shallow:share=shared") == (
+        "vpt_shallow_share=shared", "vpt_shallow (share=shared)")
     assert run("tadformer:filter=static") == ("filter=static", "tadformer (filter=static)")
 
 
