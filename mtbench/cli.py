@@ -32,6 +32,7 @@ _ACTIVATION_HELP = ("activation checkpointing in training: none | lora_inputs (L
 @app.command("list")
 def list_cmd() -> None:
     """Show every registered method with its paper, variants and options."""
+    from mtbench.config import option_text
     from mtbench.registry import list_methods
 
     for info in list_methods():
@@ -49,8 +50,9 @@ def list_cmd() -> None:
         else:
             console.print("  options: none")
         if info.variants:
-            console.print("  variants: " + "; ".join(f"{v} = {info.name}:" + ",".join(f"{k}={'+'.join(map(str, x)) if isinstance(x, (tuple, list)) else x}" for k, x in p.items())
-                                                    for v, p in info.variants.items()))
+            console.print("  variants: " + "; ".join(
+                f"{v} = {info.name}:" + ",".join(f"{k}={option_text(x)}" for k, x in p.items())
+                for v, p in info.variants.items()))
         console.print()
 
 

@@ -55,18 +55,16 @@ class MethodConfig:
 
     @classmethod
     def describe_options(cls) -> list[tuple[str, str, str]]:
-        """``[(name, default, help)]`` for ``mtbench list``."""
+        """``[(name, default as typed on the command line (:func:`option_text`), help)]`` for ``mtbench list``."""
         out = []
         for f in fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            if isinstance(default, tuple):
-                default = "+".join(map(str, default))
             help_ = f.metadata.get("help", "")
             if f.metadata.get("choices"):
                 help_ += f" ({'|'.join(map(str, f.metadata['choices']))})"
             if accepted := _bounds_text(f.metadata):
                 help_ += f" ({accepted})"
-            out.append((f.name, str(default), help_))
+            out.append((f.name, option_text(default), help_))
         return out
 
     @classmethod

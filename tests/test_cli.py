@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,10 @@ def test_list_shows_methods_and_options():
     assert res.returncode == 0
     for needle in ["mtlora", "mtlora_plus", "task_r", "decoder_only", "single_task", "lora", "scale-lab/MTLoRA"]:
         assert needle in res.stdout
+    # defaults and presets as a user types them (booleans lower case, tuples joined by +)
+    assert "vpt_shallow = vpt:deep=false; vpt_deep = vpt:deep=true" in res.stdout
+    assert re.search(r"^\s+positions\s+attn\+mlp\s", res.stdout, re.M)
+    assert "True" not in res.stdout and "False" not in res.stdout
 
 
 def test_table_without_results_is_one_line_error(tmp_path):
