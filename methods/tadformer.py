@@ -132,6 +132,22 @@ class TADFormerConfig(MethodConfig):
                 "[B*nW, C, N] and reads it back as [B*nW, ws, ws, C], scrambling channels and tokens)",
         "choices": ("correct", "released")})
 
+    def inert_options(self) -> dict[str, str]:
+        """Options without effect: everything of the prompts under ``prompts=false``, the skip under ``use_tpc=false``
+        or ``skip=none`` (its layout), the filter kind under ``dtf=false``. ``tpc`` under ``use_tpc=false`` is not
+        inert: ``tpc=official`` still builds the (unused) TPC LayerNorms that the official model counts."""
+        inert = {}
+        if not self.prompts:
+            why = "prompts=false (no task prompts: no TPC, no skip, no gates)"
+            inert.update(dict.fromkeys(("use_tpc", "tpc", "prompt_update", "skip", "skip_layout"), why))
+        elif not self.use_tpc:
+            inert.update(dict.fromkeys(("skip", "skip_layout"), "use_tpc=false (no TPC feature to skip)"))
+        elif self.skip == "none":
+            inert["skip_layout"] = "skip=none (no skip feature)"
+        if not self.dtf:
+            inert["filter"] = "dtf=false (no filter in the TA-module)"
+        return inert
+
     @property
     def tpc_active(self) -> bool:
         """TPC needs the task prompts: ``prompts=false`` implies no TPC (documented, not an error)."""
@@ -270,10 +286,10 @@ _PAPER_COUNTS = [
         (16, 3.56, 3_548_670, ""), (32, 4.78, 4_767_294, " (4.77M)"), (64, 7.38, 7_370_430, " (7.37M)"))),
     *(PaperCount({"r": r, "filter": "static", "tpc": "official"}, None, _CODE, exact=n, note=_STATIC)
       for r, n in ((16, 3_532_350), (32, 4_670_526), (64, 6_946_878))),
-    PaperCount({"r": 32, "tpc": "official", "prompts": False, "dtf": False}, 4.26, _T2 + " Baseline",
+    PaperCount({"r": 32, "prompts": False, "dtf": False}, 4.26, _T2 + " Baseline",
                exact=4_258_874),
     PaperCount({"r": 32, "tpc": "official", "dtf": False}, 4.66, _T2 + " +TPC+TP", exact=4_655_166),
-    PaperCount({"r": 32, "tpc": "official", "prompts": False}, 4.40, _T2 + " +DTF", exact=4_379_834,
+    PaperCount({"r": 32, "prompts": False}, 4.40, _T2 + " +DTF", exact=4_379_834,
                note="ours 4.38M: LoRA + 12 DTFs; the printed 4.40M is 0.02M more than any consistent build "
                     "(the same terms give Baseline, +TPC+TP and full exactly)"),
     PaperCount({"r": 32, "tpc": "official", "use_tpc": False}, 4.78, _T2 + " +TP+DTF", exact=4_776_122,

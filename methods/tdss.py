@@ -67,6 +67,11 @@ class TDSSConfig(MethodConfig):
                                                       "(Table 5 row 3)"})
     gating: bool = field(default=True, metadata={"help": "dynamic task gating; false = mean skill for every task"})
 
+    def inert_options(self) -> dict[str, str]:
+        """Without skill experts (``sre=false``) there are no skills to count or gate."""
+        why = "sre=false (a shared adapter: no skills, no gating)"
+        return {} if self.sre else dict.fromkeys(("skills", "gating"), why)
+
 
 class SkillGate(nn.Module):
     """Task ``t``'s dynamic gating layers ``W_gamma^t, W_beta^t`` ``[R, M]`` (Eq. 3), no bias."""

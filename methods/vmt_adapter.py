@@ -129,6 +129,10 @@ class VMTAdapterConfig(MethodConfig):
     lite: bool = field(default=False, metadata={"help": "VMT-Adapter-Lite: W_up tied to W_down^T"})
     lite_scale: float = field(default=0.1, metadata={"help": "output scale of the Lite adapter"})
 
+    def inert_options(self) -> dict[str, str]:
+        """``lite_scale`` scales only the Lite adapter."""
+        return {} if self.lite else {"lite_scale": "lite=false (only the Lite adapter is scaled)"}
+
 
 _SRC = "VMT-Adapter AAAI'24 / TDSS Table 1 (on Polyhistor's ~2.551M decoder)"
 _NOTE = ("method part 1,119,120 vs the paper's 3.68M - 2.551M decoder = 1.129M (-0.9%); the decoder here is "

@@ -88,6 +88,13 @@ class MethodConfig:
     def to_dict(self) -> dict[str, Any]:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
 
+    def inert_options(self) -> dict[str, str]:
+        """Options that have no effect on the model given this config's other values, each with the reason
+        (``{"filter": "dtf=false (no filter in the TA-module)"}``). :func:`mtbench.registry.resolve_spec` refuses
+        such an option when it is given a value other than its preset's: the run would be the same model under a
+        second result key, and a researcher would believe an ablation ran that did not. Default: none."""
+        return {}
+
 
 _CHECKS = {"gt": lambda v, b: v > b, "ge": lambda v, b: v >= b, "lt": lambda v, b: v < b, "le": lambda v, b: v <= b}
 _OPS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}

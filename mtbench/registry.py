@@ -169,11 +169,20 @@ def resolve_spec(spec: MethodSpec) -> ResolvedMethod:
     does a plain method whose configuration is a variant's preset because that preset is the method's default
     (``vpt`` and ``vpt:share=dedicated`` are ``vpt_shallow`` and ``vpt_shallow:share=dedicated``).
 
+    An option given a value other than its preset's where it has no effect (:meth:`MethodConfig.inert_options`,
+    e.g. ``tadformer:dtf=false,filter=static``) is refused: the run would be the same model under a second key.
+
     Raises:
-        MtbenchError: unknown method or option, an invalid value, or a one-option variant's option overridden.
+        MtbenchError: unknown method or option, an invalid value, a one-option variant's option overridden, or an
+            option without effect given a value.
     """
     info, variant, preset = resolve(spec.name)
     cfg = info.config_cls.from_options(spec.options, base=preset)
+    base = info.config_cls.from_options({}, base=preset)
+    for key, why in cfg.inert_options().items():
+        if key in spec.options and getattr(cfg, key) != getattr(base, key):
+            raise MtbenchError(f"{spec.label()}: {key}={option_text(getattr(cfg, key))} has no effect with {why}; "
+                               f"leave {key} out")
     if len(preset) == 1:
         (key, value), = preset.items()
         if key in spec.options and getattr(cfg, key) != getattr(info.config_cls.from_options(preset), key):

@@ -27,7 +27,7 @@ from mtbench.errors import MtbenchError
 from mtbench.identity import RunIdentity, make_identity
 from mtbench.measure import count_params
 from mtbench.metrics import delta_m, primary_higher_is_better, primary_metrics
-from mtbench.registry import ResolvedMethod, build_model, resolve_spec
+from mtbench.registry import ResolvedMethod, build_model, resolve, resolve_spec
 from mtbench.results import (
     EXISTING_POLICIES, DeltaM, RunInfo, RunResult, TrainInfo, check_output_dir, default_mode, load_references,
     read_result, save_result,
@@ -435,7 +435,9 @@ def load_trained(result_file: str | Path, state_file: str | Path | None = None):
     if not ckpt.is_file():
         raise MtbenchError(f"no trained state beside {str(path)!r} (expected {ckpt.name}); rerun with --existing "
                            "overwrite, or pass --state PATH")
-    rm = resolve_spec(MethodSpec(result.run.method, {k: option_text(v) for k, v in result.run.options.items()}))
+    recorded = dict(result.run.options)
+    inert = resolve(result.run.method)[0].config_cls.from_options(recorded).inert_options()  # no effect: left out
+    rm = resolve_spec(MethodSpec(result.run.method, {k: option_text(v) for k, v in recorded.items() if k not in inert}))
     init = result.run.init
     torch.manual_seed(result.run.seed)  # a random-init backbone is rebuilt exactly as run_one built it
     backbone = create_backbone(result.run.backbone, pretrained=(init == "pretrained"),

@@ -35,6 +35,15 @@ RUN_BAD_INPUT = [
     (["--methods", "lora:scale=nan"], "lora: option scale='nan' is not a finite number"),
     (["--methods", "lora", "--decoder", "hrnet_270+"], "decoder 'hrnet_270+' is not a decoder name; valid: "),
     (["--methods", "lora", "--decoder", ""], "decoder '' is not a decoder name; valid: "),
+    # an option without effect given the others: the same model under a second key, an ablation that did not run
+    (["--methods", "tadformer:dtf=false,filter=static"], "tadformer:dtf=false,filter=static: filter=static has no "
+     "effect with dtf=false (no filter in the TA-module); leave filter out"),
+    (["--methods", "tadformer:prompts=false,skip=none"], "skip=none has no effect with prompts=false"),
+    (["--methods", "tadformer:use_tpc=false,skip_layout=released"],
+     "skip_layout=released has no effect with use_tpc=false"),
+    (["--methods", "tadformer:skip=none,skip_layout=released"], "skip_layout=released has no effect with skip=none"),
+    (["--methods", "vmt_adapter:lite_scale=5"], "lite_scale=5.0 has no effect with lite=false"),
+    (["--methods", "tdss:sre=false,skills=3"], "skills=3 has no effect with sre=false"),
 ]
 
 

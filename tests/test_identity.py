@@ -130,6 +130,9 @@ def test_a_variants_preset_given_as_options_is_that_variant(tmp_path):
     assert run("vpt:share=shared") == run("vpt_shallow:share=shared") == (
         "vpt_shallow_share=shared", "vpt_shallow (share=shared)")
     assert run("tadformer:filter=static") == ("filter=static", "tadformer (filter=static)")
+    # an option without effect is accepted at its preset's value (no second key), and a variant's inert presets stand
+    assert run("tadformer:prompts=false,skip=gated")[0] == run("tadformer:prompts=false")[0] == "prompts=false"
+    assert run("tadformer_official:prompts=false")[0] == "tadformer_official_prompts=false"
 
 
 def test_reconstruction_reads_train_size_from_the_recorded_command():

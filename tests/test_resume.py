@@ -381,6 +381,40 @@ def test_a_state_of_another_configuration_is_a_one_line_error(tmp_path):
     assert "does not fit lora" in msg and "lora_A" in msg and ", 32], the model's is [8, 32]" in msg, msg
 
 
+def test_a_result_recording_an_option_without_effect_still_loads(tmp_path):
+    """A result written before such options were refused (``vmt_adapter`` with ``lite_scale`` but not ``lite``) is
+    rebuilt without the option (the same model) instead of failing on the refusal."""
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from mtbench.config import MethodSpec
+    from mtbench.registry import build_model, resolve_spec
+    from mtbench.runner import load_trained
+    from mtbench.swin import create_backbone
+    from mtbench.tasks import resolve_tasks
+
+    src = Path(__file__).parents[1] / "results/reference/synthetic/vmt_adapter/default/seed0.json"
+    result = tmp_path / "seed0.json"
+    shutil.copy(src, result)
+    data = json.loads(result.read_text())
+    data["run"]["options"]["lite_scale"] = 5.0
+    result.write_text(json.dumps(data))
+    with pytest.raises(MtbenchError, match="lite_scale=5.0 has no effect with lite=false"):
+        resolve_spec(MethodSpec("vmt_adapter", {"lite_scale": "5.0"}))
+    torch.manual_seed(0)
+    model = build_model(resolve_spec(MethodSpec("vmt_adapter", {})), create_backbone(data["run"]["backbone"],
+                        pretrained=False), resolve_tasks("synthetic", data["run"]["tasks"]))
+    state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(state, str(tmp_path / "seed0.safetensors"))
+    loaded, _ = load_trained(result)
+    assert loaded.cfg.lite_scale == 0.1 and not loaded.cfg.lite
+    for n, p in loaded.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, state[n]), n
+
+
 def test_a_failed_runs_status_file_does_not_break_the_reports(tmp_path):
     """A failed run leaves ``seed{S}.status.json`` beside where its result would be; ``table`` and ``plot`` read only
     ``seed{S}.json`` files and still work."""

@@ -78,9 +78,9 @@ def test_table2_ablation_terms():
     r = 32
     off = {"r": r, "tpc": "official"}
     full = swin_t_count(off)
-    base = swin_t_count({**off, "prompts": False, "dtf": False})
+    base = swin_t_count({"r": r, "prompts": False, "dtf": False})  # tpc has no effect without prompts
     tpc_tp = swin_t_count({**off, "dtf": False})
-    dtf = swin_t_count({**off, "prompts": False})
+    dtf = swin_t_count({"r": r, "prompts": False})
     tp_dtf = swin_t_count({**off, "use_tpc": False})
     dtf_term = 12 * (9 * r * r + 27 * r)
     prompt_term = 4 * 96 + 387_072  # prompts + prompt upsampling
