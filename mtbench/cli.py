@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from mtbench.errors import MtbenchError
+from mtbench.errors import MtbenchError, out_of_memory
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Benchmark multi-task parameter-efficient fine-tuning methods for dense vision.")
@@ -853,7 +853,8 @@ def train_memory_cmd(
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: run the Typer app, turning :class:`MtbenchError` into one line and exit code 2, and an
-    interrupted run (Ctrl-C, checkpoint written) into one line and exit code 130.
+    interrupted run (Ctrl-C, checkpoint written) into one line and exit code 130, and an allocation failure
+    (:func:`mtbench.errors.out_of_memory`) into one line and exit code 2.
 
     Usage errors (unknown command or option, a value of the wrong type, a missing option) are left to click's
     standalone mode, which prints the short usage message and exits with code 2; bare ``mtbench`` shows the help.
@@ -884,6 +885,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     except Interrupted as e:  # Ctrl-C / SIGTERM during a run: the checkpoint is written
         print(f"interrupted: {e}; run the same command again to resume", file=sys.stderr)
         sys.exit(130)
+    except (RuntimeError, MemoryError) as e:  # sizes too large for the machine, where no run or model names them
+        if (what := out_of_memory(e)) is None:
+            raise
+        print(f"error: out of memory ({what}); lower --batch-size or the sizes in --methods", file=sys.stderr)
+        sys.exit(2)
     sys.exit(0)
 
 

@@ -7,3 +7,33 @@ without a traceback and exits with code 2; library callers can catch it.
 
 class MtbenchError(ValueError):
     """Bad input from the user (unknown name, invalid option value, missing file). Message is one line."""
+
+
+def out_of_memory(exc: BaseException) -> str | None:
+    """What an allocation failure tried, or None when ``exc`` is not one.
+
+    Recognises Python's ``MemoryError`` and torch's allocator failures: the CPU allocator's ``RuntimeError`` ("can't
+    allocate memory: you tried to allocate N bytes") and ``torch.OutOfMemoryError`` (CUDA, "Tried to allocate 2.00
+    GiB"). A configuration too large for the machine (``mtlora:r=99999999999``, ``--batch-size 100000000``) ends in one
+    of these deep inside torch; the CLI turns it into one line that names what to lower.
+
+    Returns:
+        e.g. ``"tried to allocate 12.8 TB"``, ``"tried to allocate 2.00 GiB"``, or ``"out of memory"`` when the
+        message names no size.
+    """
+    import re
+
+    text = str(exc)
+    if isinstance(exc, MemoryError):
+        return "out of memory"
+    if not isinstance(exc, RuntimeError) or not re.search(r"can't allocate memory|out of memory", text, re.I):
+        return None
+    if m := re.search(r"allocate (\d+) bytes", text):
+        size = float(m.group(1))
+        for unit in ("bytes", "KB", "MB", "GB", "TB", "PB"):
+            if size < 1000 or unit == "PB":
+                return f"tried to allocate {size:.3g} {unit}"
+            size /= 1000
+    if m := re.search(r"[Tt]ried to allocate ([\d.]+ [KMGTP]i?B)", text):
+        return f"tried to allocate {m.group(1)}"
+    return "out of memory"

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mtbench.config import MethodConfig, MethodSpec, option_text
-from mtbench.errors import MtbenchError
+from mtbench.errors import MtbenchError, out_of_memory
 
 
 @dataclass(frozen=True)
@@ -208,9 +208,15 @@ def build_model(resolved: ResolvedMethod, backbone, tasks, decoder: str | None =
         decoder: a key of :data:`mtbench.decoders.DECODERS`; None = the backbone's default.
 
     Raises:
-        MtbenchError: unknown decoder.
+        MtbenchError: unknown decoder, or a configuration whose parameters do not fit in memory (naming it).
     """
-    model = resolved.info.model_cls(backbone, tasks, resolved.config)
+    try:
+        model = resolved.info.model_cls(backbone, tasks, resolved.config)
+    except (RuntimeError, MemoryError) as e:
+        if (what := out_of_memory(e)) is None:
+            raise
+        raise MtbenchError(f"{resolved.spec.label()}: building the model ran out of memory ({what}); lower its "
+                           "sizes") from None
     if decoder is not None and decoder != model.decoder_name:
         model.set_decoder(decoder)
     model.apply_trainability()

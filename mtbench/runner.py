@@ -23,7 +23,7 @@ from mtbench.cpu import APPLIED as CPU_SETTINGS, configure_cpu
 from mtbench.data import check_data_root
 from mtbench.decoders import resolve_decoder
 from mtbench.encoder import check_activation_checkpoint
-from mtbench.errors import MtbenchError
+from mtbench.errors import MtbenchError, out_of_memory
 from mtbench.identity import RunIdentity, make_identity
 from mtbench.measure import count_params
 from mtbench.metrics import delta_m, primary_higher_is_better, primary_metrics
@@ -298,8 +298,13 @@ def run_one(req: RunRequest, tasks: list[TaskSpec], planned: PlannedRun, recipe:
             write_status(planned.path, "interrupted")
         raise
     except BaseException as e:
+        if (what := out_of_memory(e)) is not None:  # a batch too large for the machine: one line, not torch's
+            e = MtbenchError(f"{planned.label}: out of memory on {device} ({what}) at batch size {recipe.batch_size}; "
+                             "lower --batch-size or the method's sizes")
         if main:
             write_status(planned.path, "failed", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        if isinstance(e, MtbenchError):
+            raise e from None
         raise
     prim = primary_metrics(test_metrics, tasks)
     dm = None

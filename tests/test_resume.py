@@ -453,3 +453,70 @@ def test_an_invalid_existing_result_is_not_skipped_nor_listed_as_done(tmp_path):
     assert state == "failed" and "Invalid JSON" in detail
     req.existing = "overwrite"
     assert plan(req)[1][0].path == path
+
+
+@pytest.mark.parametrize("message,what", [
+    ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+     "12799999999872 bytes. Error code 12 (Cannot allocate memory)", "tried to allocate 12.8 TB"),
+    ("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.11 GiB total capacity)", "tried to allocate 2.00 GiB"),
+    ("DefaultCPUAllocator: can't allocate memory", "out of memory"),
+    ("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)", None),
+])
+def test_out_of_memory_is_recognised_and_sized(message, what):
+    from mtbench.errors import out_of_memory
+
+    assert out_of_memory(RuntimeError(message)) == what
+    assert out_of_memory(MemoryError()) == "out of memory" and out_of_memory(ValueError("out of memory")) is None
+
+
+def test_a_batch_too_large_for_memory_is_one_line_naming_the_run(tmp_path, monkeypatch):
+    """Training that runs out of memory ends in an MtbenchError naming the run and its batch size (the CLI prints it
+    as one line), and the run's status file says failed with that line."""
+    import mtbench.runner as runner
+    from mtbench.launch import run_state
+
+    def fit(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 400000000000 bytes.")
+
+    monkeypatch.setattr(runner, "fit", fit)
+    req = runner.RunRequest(methods="lora:r=2", epochs=1, batch_size=4096, train_size=16, results_dir=str(tmp_path))
+    with pytest.raises(MtbenchError) as e:
+        runner.execute(req, log=lambda *a: None)
+    msg = str(e.value)
+    assert "lora (r=2)" in msg and "out of memory on cpu (tried to allocate 400 GB) at batch size 4096; lower " \
+        "--batch-size or the method's sizes" in msg, msg
+    path = runner.plan(req)[1][0].path
+    state, detail = run_state(path)
+    assert state == "failed" and detail.startswith("MtbenchError: ") and "tried to allocate 400 GB" in detail
+
+
+def test_a_model_too_large_for_memory_is_one_line_through_the_entry_point(tmp_path):
+    """``r = 10**13`` asks for petabytes: more than any address space, so the allocation fails at once everywhere."""
+    res = mtbench("run", "--methods", "mtlora:r=10000000000000", "--results-dir", str(tmp_path))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip() == ("error: mtlora:r=10000000000000: building the model ran out of memory (tried to "
+                                  "allocate 1.28 PB); lower its sizes"), res.stderr
+
+
+def test_an_allocation_failure_anywhere_else_is_one_line(monkeypatch, capsys):
+    """Where no run or model names the failing sizes (a profile's batch, say), ``mtbench.cli.main`` still prints one
+    line and exits 2; other RuntimeErrors are not swallowed."""
+    import mtbench.registry
+    from mtbench.cli import main
+
+    def oom():
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 5000000000 bytes.")
+
+    monkeypatch.setattr(mtbench.registry, "list_methods", oom)
+    with pytest.raises(SystemExit) as e:
+        main(["list"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == ("error: out of memory (tried to allocate 5 GB); lower --batch-size or the sizes "
+                                       "in --methods\n")
+
+    def other():
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(mtbench.registry, "list_methods", other)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        main(["list"])
