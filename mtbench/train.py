@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -94,17 +95,22 @@ def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` -> CUDA when available, else CPU.
 
     Raises:
-        MtbenchError: unknown name, or ``cuda`` asked for where there is none.
+        MtbenchError: unknown name (``cuda:N`` needs a GPU index N), ``cuda`` asked for where there is none, or a
+            GPU index beyond the machine's devices.
     """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cpu":
         return torch.device("cpu")
-    if name.startswith("cuda"):
+    if re.fullmatch(r"cuda(:\d+)?", name):
         if not torch.cuda.is_available():
             raise MtbenchError(f"device {name!r} requested but CUDA is not available; use --device cpu or auto")
+        index, count = int(name.partition(":")[2] or 0), torch.cuda.device_count()
+        if index >= count:
+            raise MtbenchError(f"device {name!r} requested but this machine has {count} CUDA device(s): "
+                               f"{', '.join(f'cuda:{i}' for i in range(count))}")
         return torch.device(name)
-    raise MtbenchError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N")
+    raise MtbenchError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N (N a GPU index)")
 
 
 def move_batch(batch: dict, device: torch.device) -> dict:

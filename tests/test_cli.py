@@ -23,6 +23,7 @@ RUN_BAD_INPUT = [
     (["--methods", "lora", "--weights", "/nonexistent/swin.pth"], "weights file not found"),
     (["--methods", "mtlora:rank=4"], "no option 'rank'"),
     (["--methods", "lora", "--device", "tpu"], "unknown device 'tpu'"),
+    (["--methods", "lora", "--device", "cuda:abc"], "unknown device 'cuda:abc'; valid: auto, cpu, cuda, cuda:N"),
     (["--methods", "lora", "--decoder", "nope"], "unknown decoder 'nope'; valid: mtlora_hrnet, hrnet_270"),
     (["--methods", "ditask:r=1"], "ditask: r must be >= 2, got 1"),
     (["--methods", "vmt_adapter:reduction=0"], "vmt_adapter: reduction must be > 0, got 0"),
@@ -144,3 +145,19 @@ def test_list_shows_methods_and_options():
 def test_table_without_results_is_one_line_error(tmp_path):
     res = mtbench("table", "--results-dir", str(tmp_path))
     assert res.returncode == 2 and res.stderr.startswith("error: no result files")
+
+
+def test_cuda_devices_are_checked_against_the_machine(monkeypatch):
+    """``cuda:N`` beyond the GPUs present is one line listing them (CUDA faked: no test needs a GPU)."""
+    from mtbench.errors import MtbenchError
+    from mtbench.train import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda") == torch.device("cuda") and resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(MtbenchError, match=r"^device 'cuda:2' requested but this machine has 2 CUDA device\(s\): "
+                                           r"cuda:0, cuda:1$"):
+        resolve_device("cuda:2")
+    for bad in ("cuda:abc", "cuda:-1", "cuda: 0", "CUDA"):
+        with pytest.raises(MtbenchError, match=f"^unknown device '{bad}'; valid: auto, cpu, cuda, cuda:N"):
+            resolve_device(bad)
