@@ -458,7 +458,7 @@ def references(
 @app.command()
 def pretrain(
     epochs: int = typer.Option(30, help="passes over the upstream split"),
-    out: str = typer.Option("", help="output .safetensors (default: the packaged embedded weights)"),
+    out: Optional[str] = typer.Option(None, help="output .safetensors (default: the packaged embedded weights)"),
     seed: int = typer.Option(0, help="seed"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
 ) -> None:
@@ -471,10 +471,10 @@ def pretrain(
     if epochs < 1:
         raise MtbenchError(f"--epochs must be >= 1, got {epochs}")
     check_seeds([seed])
-    if out:
+    if out is not None:  # an empty --out is refused, never read as the packaged weights
         check_output_file(out, "--out")
     configure_cpu()
-    path, summary = pretrain_embedded(epochs=epochs, out=out or None, seed=seed, device=resolve_device(device),
+    path, summary = pretrain_embedded(epochs=epochs, out=out, seed=seed, device=resolve_device(device),
                                       log=console.print)
     console.print(f"wrote {path}: {summary}")
 
@@ -485,7 +485,7 @@ def attention(
                                help="result file of a trained method with task prompts"),
     n: int = typer.Option(4, help="number of test images"),
     stage: int = typer.Option(0, help="backbone stage whose last block's maps are drawn (0 = finest)"),
-    out: str = typer.Option("", help="output PNG (default reports/attention_{method}_{key}_stage{S}.png)"),
+    out: Optional[str] = typer.Option(None, help="output PNG (default reports/attention_{method}_{key}_stage{S}.png)"),
     data_root: Optional[str] = typer.Option(None, help="the dataset's directory, as for `run` (default: the "
                                             "synthetic cache, or $MTBENCH_DATA/<dir> for the real datasets)"),
     state: Optional[str] = typer.Option(None, help="trained state (.safetensors) to draw instead of the one beside "
@@ -502,7 +502,7 @@ def attention(
     if n < 1:
         raise MtbenchError(f"--n must be >= 1, got {n}")
     check_data_root(data_root)
-    if out:
+    if out is not None:
         if Path(out).suffix.lower() != ".png":
             raise MtbenchError(f"--out {out!r}: the figure is a PNG; give a path ending in .png")
         check_output_file(out, "--out")

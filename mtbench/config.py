@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
@@ -148,8 +149,13 @@ def _convert(method: str, key: str, raw: Any, hint: Any) -> Any:
             if low in _FALSE:
                 return False
             raise ValueError
-        if hint is int:
-            return int(text)
+        if hint is int:  # plain decimal digits (not 0_8 or full-width digits), within torch's int64 sizes
+            if not re.fullmatch(r"[+-]?[0-9]+", text):
+                raise ValueError
+            value = int(text)
+            if abs(value) >= 2**63:
+                raise MtbenchError(f"{method}: option {key}={raw!r} is out of range (|value| < 2**63)")
+            return value
         if hint is float:
             value = float(text)
             if not math.isfinite(value):

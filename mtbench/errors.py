@@ -13,8 +13,8 @@ def out_of_memory(exc: BaseException) -> str | None:
     """What an allocation failure tried, or None when ``exc`` is not one.
 
     Recognises Python's ``MemoryError`` and torch's allocator failures: the CPU allocator's ``RuntimeError`` ("can't
-    allocate memory: you tried to allocate N bytes") and ``torch.OutOfMemoryError`` (CUDA, "Tried to allocate 2.00
-    GiB"). A configuration too large for the machine (``mtlora:r=99999999999``, ``--batch-size 100000000``) ends in one
+    allocate memory: you tried to allocate N bytes"), ``torch.OutOfMemoryError`` (CUDA, "Tried to allocate 2.00
+    GiB") and a size beyond int64 bytes ("Storage size calculation overflowed"). A configuration too large for the machine (``mtlora:r=99999999999``, ``--batch-size 100000000``) ends in one
     of these deep inside torch; the CLI turns it into one line that names what to lower.
 
     Returns:
@@ -26,6 +26,9 @@ def out_of_memory(exc: BaseException) -> str | None:
     text = str(exc)
     if isinstance(exc, MemoryError):
         return "out of memory"
+    if isinstance(exc, RuntimeError) and (m := re.search(r"Storage size calculation overflowed with sizes=(\[[\d, ]*\])",
+                                                         text)):
+        return f"a tensor of sizes {m.group(1)} is beyond any memory"
     if not isinstance(exc, RuntimeError) or not re.search(r"can't allocate memory|out of memory", text, re.I):
         return None
     if m := re.search(r"allocate (\d+) bytes", text):

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mtbench.errors import MtbenchError
 from mtbench.identity import RunIdentity
@@ -96,6 +96,19 @@ class RunResult(BaseModel):
             raise ValueError(f"schema_version {v} is not one this mtbench reads (1..{SCHEMA_VERSION}; a newer "
                              "mtbench wrote it?)")
         return v
+
+    @model_validator(mode="after")
+    def _what_reports_read(self) -> "RunResult":
+        """The fields every report reads: a primary metric and metrics for each task of the run, and the #TP."""
+        if not self.run.tasks:
+            raise ValueError("run.tasks is empty")
+        missing = [t for t in self.run.tasks if t not in self.primary or t not in self.metrics]
+        if missing:
+            raise ValueError(f"no primary metric or metrics for task {missing[0]!r} of run.tasks")
+        trainable = self.params.get("trainable")
+        if isinstance(trainable, bool) or not isinstance(trainable, int) or trainable < 0:
+            raise ValueError(f"params.trainable must be a count >= 0, got {trainable!r}")
+        return self
 
 
 def result_path(root: str | os.PathLike, dataset: str, method: str, key: str, seed: int) -> Path:
@@ -252,27 +265,63 @@ def is_result_name(name: str) -> bool:
     return re.fullmatch(r"seed\d+\.json", name) is not None
 
 
-def check_output_dir(path: str | os.PathLike, flag: str) -> None:
-    """Fail early, before any work, when an output directory option names an existing file.
+def _check_path_text(path: str | os.PathLike, flag: str) -> Path:
+    """``path`` as a Path when it is a non-empty path that can be written into a UTF-8 result file.
 
     Raises:
-        MtbenchError: ``path`` exists and is not a directory.
+        MtbenchError: an empty path (it would mean the current directory), or one that is not valid UTF-8.
     """
-    if Path(path).exists() and not Path(path).is_dir():
-        raise MtbenchError(f"{flag} {str(path)!r} is a file, not a directory")
+    text = os.fsdecode(path)
+    if not text.strip():
+        raise MtbenchError(f"{flag} is empty; give a path")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise MtbenchError(f"{flag} {text!r} is not valid UTF-8; give a path in UTF-8") from None
+    return Path(text)
 
 
-def check_output_file(path: str | os.PathLike, flag: str) -> None:
-    """Fail early, before any work, when an output file option cannot be written: it names a directory, or a path
-    under an existing file.
+def _check_writable(directory: Path, flag: str, shown: Path) -> None:
+    """Create and remove a temporary file in ``directory``'s nearest existing ancestor (nothing else is created).
+
+    Raises:
+        MtbenchError: the file system refuses it (read-only, no permission, a pseudo file system such as /proc).
+    """
+    existing = next((p for p in (directory, *directory.parents) if p.exists()), Path("."))
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".mtbench-write-check-"):
+            pass
+    except OSError as e:
+        raise MtbenchError(f"{flag} {str(shown)!r} cannot be written ({e.strerror or e} in {str(existing)!r})") from None
+
+
+def check_output_dir(path: str | os.PathLike, flag: str) -> None:
+    """Fail early, before any work, when an output directory option cannot be used: it is empty, not UTF-8, names an
+    existing file, or lies where files cannot be written.
 
     Raises:
         MtbenchError: such a path.
     """
-    path = Path(path)
+    path = _check_path_text(path, flag)
+    if path.exists() and not path.is_dir():
+        raise MtbenchError(f"{flag} {str(path)!r} is a file, not a directory")
+    if any(p.exists() and not p.is_dir() for p in path.parents):
+        raise MtbenchError(f"{flag} {str(path)!r} lies under a file, not a directory")
+    _check_writable(path, flag, path)
+
+
+def check_output_file(path: str | os.PathLike, flag: str) -> None:
+    """Fail early, before any work, when an output file option cannot be written: it is empty, not UTF-8, names a
+    directory, lies under an existing file, or where files cannot be written.
+
+    Raises:
+        MtbenchError: such a path.
+    """
+    path = _check_path_text(path, flag)
     if path.is_dir() or any(p.exists() and not p.is_dir() for p in path.parents):
         raise MtbenchError(f"{flag} {str(path)!r} is not a file path that can be written (a directory, or under a "
                            "file)")
+    _check_writable(path.parent, flag, path)
 
 
 def read_result(path: str | os.PathLike) -> RunResult:
@@ -302,7 +351,8 @@ def _first_error(e) -> str:
     first = e.errors()[0]
     where = ".".join(map(str, first["loc"]))
     more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-    return f"{where + ': ' if where else ''}{first['msg']}{more}"
+    msg = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's own message
+    return f"{where + ': ' if where else ''}{msg}{more}"
 
 
 def load_references(dataset: str) -> tuple[dict[str, float] | None, str | None]:

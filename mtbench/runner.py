@@ -177,6 +177,8 @@ def plan(req: RunRequest) -> tuple[list[TaskSpec], list[PlannedRun], TrainConfig
         ident = run_identity(req, rm, tasks, recipe)
         for seed in seeds:
             path = ident.result_path(req.results_dir, seed)
+            if path.is_dir():  # found before training, not when the result is written
+                raise MtbenchError(f"the result path {str(path)!r} is a directory; move it away")
             if path.exists() and req.existing == "error":
                 raise MtbenchError(f"result exists: {path}; pass --existing skip or --existing overwrite")
             if path.exists() and req.existing == "skip":  # only a valid result may stand for the run
@@ -434,7 +436,11 @@ def load_trained(result_file: str | Path, state_file: str | Path | None = None):
     if not path.is_file():
         raise MtbenchError(f"result file not found: {str(path)!r}")
     result = read_result(path)
+    if state_file is not None and not str(state_file).strip():
+        raise MtbenchError("--state is empty; give a trained state file (.safetensors)")
     ckpt = Path(state_file) if state_file is not None else checkpoint_path(path)
+    if state_file is not None and ckpt.is_dir():
+        raise MtbenchError(f"--state {str(ckpt)!r} is a directory; give a trained state file (.safetensors)")
     if state_file is not None and not ckpt.is_file():
         raise MtbenchError(f"state file not found: {str(ckpt)!r}")
     if not ckpt.is_file():

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 import pytest
 import torch
 from cli_entry import mtbench, mtbench_many
+
+
+REPO = Path(__file__).parents[1]
 
 
 def files_under(path: Path) -> list[Path]:
@@ -161,3 +165,56 @@ def test_cuda_devices_are_checked_against_the_machine(monkeypatch):
     for bad in ("cuda:abc", "cuda:-1", "cuda: 0", "CUDA"):
         with pytest.raises(MtbenchError, match=f"^unknown device '{bad}'; valid: auto, cpu, cuda, cuda:N"):
             resolve_device(bad)
+
+
+def test_output_paths_that_cannot_be_written_are_refused_before_any_work(tmp_path):
+    """Empty, non-UTF-8 and unwritable output paths (``/proc`` takes no new files, even for root) are one line before
+    training or plotting; an empty ``pretrain --out`` is never read as the packaged weights."""
+    ref = str(REPO / "results/reference")
+    tad = str(REPO / "results/reference/synthetic/tadformer/default/seed0.json")
+    bad_utf8 = str(tmp_path).encode() + b"/bad\xff"
+    cases = [
+        (["table", "--results-dir", ref, "--out-dir", ""], "error: --out-dir is empty; give a path"),
+        (["plot", "--results-dir", ref, "--out-dir", "/proc/mtbench-x"],
+         "error: --out-dir '/proc/mtbench-x' cannot be written ("),
+        (["table", "--results-dir", ref, "--out-dir", "/proc/mtbench-x"],
+         "error: --out-dir '/proc/mtbench-x' cannot be written ("),
+        (["pretrain", "--epochs", "1", "--out", ""], "error: --out is empty; give a path"),
+        (["pretrain", "--epochs", "1", "--out", "/proc/x.safetensors"],
+         "error: --out '/proc/x.safetensors' cannot be written ("),
+        (["attention", "--result", tad, "--out", "/proc/x.png"], "error: --out '/proc/x.png' cannot be written ("),
+        (["eval", "--result", tad, "--state", ""], "error: --state is empty; give a trained state file"),
+        (["eval", "--result", tad, "--state", str(tmp_path)], f"error: --state {str(tmp_path)!r} is a directory"),
+        (["run", "--methods", "lora", "--results-dir", os.fsdecode(bad_utf8)],
+         f"error: --results-dir {os.fsdecode(bad_utf8)!r} is not valid UTF-8; give a path in UTF-8"),
+        (["run", "--methods", "lora:r=99999999999999999999999", "--results-dir", str(tmp_path / "r")],
+         "error: lora: option r='99999999999999999999999' is out of range (|value| < 2**63)"),
+        (["run", "--methods", "lora:r=0_8", "--results-dir", str(tmp_path / "r")],
+         "error: lora: option r='0_8' is not a valid int"),
+    ]
+    packaged = REPO / "mtbench/assets/swin_embedded.safetensors"
+    before = packaged.stat().st_mtime_ns
+    for (args, message), res in zip(cases, mtbench_many(*(a for a, _ in cases)), strict=True):
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), (args, res.stderr)
+    assert packaged.stat().st_mtime_ns == before
+    assert files_under(tmp_path / "r") == [] and not (tmp_path / "o").exists()
+
+
+def test_a_result_path_that_is_a_directory_is_refused_before_training(tmp_path):
+    from mtbench.errors import MtbenchError
+    from mtbench.runner import RunRequest, plan
+
+    req = RunRequest(methods="lora", results_dir=str(tmp_path), existing="overwrite")
+    path = plan(req)[1][0].path
+    path.mkdir(parents=True)
+    with pytest.raises(MtbenchError, match="the result path .* is a directory; move it away"):
+        plan(req)
+
+
+def test_synthetic_train_size_beyond_the_split_is_refused():
+    from mtbench.data import build_dataset
+    from mtbench.errors import MtbenchError
+
+    with pytest.raises(MtbenchError, match=r"^synthetic split 'train' has 1600 images; asked for the first 1601$"):
+        build_dataset("synthetic", "train", n=1601)

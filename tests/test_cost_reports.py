@@ -238,5 +238,30 @@ def test_a_result_or_profile_the_reports_cannot_read_is_one_line_error(results_w
     result_file.write_text(json.dumps(res_json))
     res = mtbench("table", "--results-dir", str(root), "--out-dir", str(tmp_path / "o"))
     assert res.returncode == 2 and res.stderr.strip() == (
-        f"error: invalid result file {str(result_file)!r}: schema_version: Value error, schema_version 999 is not "
+        f"error: invalid result file {str(result_file)!r}: schema_version: schema_version 999 is not "
         "one this mtbench reads (1..2; a newer mtbench wrote it?)"), res.stderr
+
+
+def test_results_lacking_what_reports_read_are_one_line_errors(tmp_path):
+    """A result file of valid JSON whose primary metrics, metrics or #TP do not cover its run's tasks is refused with
+    one line naming the file, not a pandas KeyError from inside ``table``."""
+    src = REFERENCE / "synthetic/lora/default/seed0.json"
+    edits = {
+        "primary": (lambda d: d.update(primary={}), "no primary metric or metrics for task 'semseg' of run.tasks"),
+        "task": (lambda d: d["run"].update(tasks=["foo"]), "no primary metric or metrics for task 'foo' of run.tasks"),
+        "notasks": (lambda d: d["run"].update(tasks=[]), "run.tasks is empty"),
+        "params": (lambda d: d.update(params={}), "params.trainable must be a count >= 0, got None"),
+        "tp": (lambda d: d["params"].update(trainable="x"), "params.trainable must be a count >= 0, got 'x'"),
+    }
+    cases = []
+    for name, (edit, _) in edits.items():
+        path = tmp_path / name / "synthetic/lora/default/seed0.json"
+        path.parent.mkdir(parents=True)
+        data = json.loads(src.read_text())
+        edit(data)
+        path.write_text(json.dumps(data))
+        cases.append(["table", "--results-dir", str(tmp_path / name), "--out-dir", str(tmp_path / "o")])
+    for (name, (_, message)), res in zip(edits.items(), mtbench_many(*cases), strict=True):
+        path = tmp_path / name / "synthetic/lora/default/seed0.json"
+        assert res.returncode == 2 and res.stderr == f"error: invalid result file {str(path)!r}: {message}\n", (
+            name, res.stderr)

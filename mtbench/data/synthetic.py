@@ -883,6 +883,8 @@ def _read(root, split, *, tasks=None, img_size=64, augment=None, n=None, label_r
 
     if augment not in (None, "flip"):
         raise MtbenchError(f"dataset 'synthetic' has no {augment!r} augmentation; valid: flip")
+    if n is not None and split in SPLIT_SIZES and int(n) > SPLIT_SIZES[split]:  # as the real datasets' readers
+        raise MtbenchError(f"synthetic split {split!r} has {SPLIT_SIZES[split]} images; asked for the first {int(n)}")
     return SyntheticMultiTask(split, n=n, img_size=img_size, tasks=tasks, seed=seed, cache_dir=root,
                               train_aug=augment == "flip")
 
