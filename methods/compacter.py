@@ -92,6 +92,10 @@ class Compacter(MultiTaskModel):
 
     def __init__(self, backbone, tasks, cfg: CompacterConfig):
         super().__init__(backbone, tasks)
+        dims = list(backbone.stage_dims)
+        if any(c % cfg.n for c in dims):  # the PHM layers split every block's width C into n parts
+            raise MtbenchError(f"{cfg.method_name}: n={cfg.n} must divide every stage width of the backbone "
+                               f"({', '.join(map(str, dims))})")
         self.use_convention(cfg.share)
         self.phm_rule = PHMRule(cfg.n)
         self.add_method_params(self.phm_rule)

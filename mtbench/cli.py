@@ -508,7 +508,9 @@ def attention(
         check_output_file(out, "--out")
     model, res = load_trained(result, state)
     test = build_dataset(res.run.dataset, "test", root=data_root, tasks=res.run.tasks)
-    images = torch.stack([test[i]["image"] for i in range(min(n, len(test)))])
+    if n > len(test):
+        raise MtbenchError(f"--n {n}: the {res.run.dataset} test split has {len(test)} images")
+    images = torch.stack([test[i]["image"] for i in range(n)])
     path = out or f"reports/attention_{res.run.method}_{res.run.key}_stage{stage}.png"
     attention_figure(model, images, path, stage=stage, title=f"{res.run.label}: task attention maps, stage {stage}")
     console.print(f"wrote {path}")

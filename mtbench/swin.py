@@ -245,11 +245,10 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        import pickle
-
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if isinstance(e, pickle.UnpicklingError) or "weights only load failed" in why.lower():
-            why = "not a tensor state dict that torch.load(weights_only=True) reads"  # never advise an unsafe load
+        if path.suffix != ".safetensors" and not isinstance(e, OSError):  # torch's own words are internal ("list
+            # index out of range" for a text file) or advise an unsafe load: never repeat them
+            why = "not a tensor state dict that torch.load(weights_only=True) reads"
         raise MtbenchError(f"cannot read checkpoint {str(path)!r}: {why} (a timm or original Swin .pth, .bin or "
                            ".safetensors)") from None
     if not isinstance(state, dict):

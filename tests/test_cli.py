@@ -108,6 +108,8 @@ def test_end_to_end_tiny_run_then_table(tmp_path):
     # mtbench eval recomputes the stored test metrics from the saved state; a missing state is one clear line
     ev = mtbench("eval", "--result", str(results_of["tadformer"]))
     assert ev.returncode == 0 and "reproduced" in ev.stdout, ev.stdout + ev.stderr
+    att = mtbench("attention", "--result", str(results_of["tadformer"]), "--n", "201", "--out", str(tmp_path / "a.png"))
+    assert att.returncode == 2 and att.stderr == "error: --n 201: the synthetic test split has 200 images\n", att.stderr
     moved = tmp_path / "elsewhere" / "seed0.json"
     moved.parent.mkdir()
     moved.write_text(results_of["mtlora"].read_text())
@@ -218,3 +220,16 @@ def test_synthetic_train_size_beyond_the_split_is_refused():
 
     with pytest.raises(MtbenchError, match=r"^synthetic split 'train' has 1600 images; asked for the first 1601$"):
         build_dataset("synthetic", "train", n=1601)
+
+
+def test_compacter_n_that_does_not_divide_the_widths_names_the_method():
+    from mtbench.config import parse_method_specs
+    from mtbench.errors import MtbenchError
+    from mtbench.registry import build_model, resolve_spec
+    from mtbench.swin import create_backbone
+    from mtbench.tasks import resolve_tasks
+
+    with pytest.raises(MtbenchError, match=r"^compacter: n=3 must divide every stage width of the backbone "
+                                           r"\(32, 64, 128, 256\)$"):
+        build_model(resolve_spec(parse_method_specs("compacter:n=3")[0]), create_backbone("swin_embedded"),
+                    resolve_tasks("synthetic"))

@@ -68,6 +68,11 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(MtbenchError, match="cannot read checkpoint"):
         create_backbone("swin_embedded", weights=junk)
+    text = tmp_path / "passwd.pth"  # torch.load says "list index out of range" here: never shown
+    text.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    with pytest.raises(MtbenchError, match=r"^cannot read checkpoint .*: not a tensor state dict that "
+                                           r"torch\.load\(weights_only=True\) reads \(a timm"):
+        create_backbone("swin_embedded", weights=text)
     import pickle
 
     code = tmp_path / "code.pth"  # a pickle that is not a tensor state dict: refused, and no advice to load it unsafely
