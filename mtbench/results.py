@@ -252,11 +252,24 @@ def load_results(root: str | os.PathLike, dataset: str | None = None) -> list[tu
     """Every result file under ``root`` (optionally of one dataset), sorted by path.
 
     Raises:
-        MtbenchError: a file that is not a valid result (named in the message).
+        MtbenchError: a file that is not a valid result, one of another dataset than the directory it lies in (with
+            ``dataset``), or of another split than the test split the reports compare (named in the message).
     """
     root = Path(root)
     base = root / dataset if dataset else root
-    return [(path, read_result(path)) for path in sorted(base.glob("**/seed*.json")) if is_result_name(path.name)]
+    out = []
+    for path in sorted(base.glob("**/seed*.json")):
+        if not is_result_name(path.name):
+            continue
+        result = read_result(path)
+        if dataset and result.run.dataset != dataset:
+            raise MtbenchError(f"result file {str(path)!r} is of dataset {result.run.dataset!r} but lies under "
+                               f"{str(base)!r}")
+        if result.split != "test":
+            raise MtbenchError(f"result file {str(path)!r} holds {result.split!r} metrics; the reports compare the "
+                               "test split")
+        out.append((path, result))
+    return out
 
 
 def is_result_name(name: str) -> bool:

@@ -33,7 +33,7 @@ from mtbench.results import (
     read_result, save_result,
 )
 from mtbench.datasets import get_dataset, resolve_recipe
-from mtbench.swin import create_backbone
+from mtbench.swin import check_weights_file, create_backbone
 from mtbench.tasks import TaskSpec, resolve_tasks
 from mtbench.train import TrainConfig, eval_loader, evaluate, fit, recipe_dict, resolve_device
 
@@ -151,8 +151,7 @@ def plan(req: RunRequest) -> tuple[list[TaskSpec], list[PlannedRun], TrainConfig
     if req.weights is not None and req.init == "random":
         raise MtbenchError("--init random and --weights exclude each other (--weights initialises the backbone from "
                            "that checkpoint)")
-    if req.weights is not None and not Path(req.weights).is_file():
-        raise MtbenchError(f"weights file not found: {req.weights!r}")
+    check_weights_file(req.weights)
     check_data_root(req.data_root)
     tasks = resolve_tasks(req.dataset, req.tasks)
     req.preset, recipe = resolve_recipe(req.dataset, req.preset, epochs=req.epochs, batch_size=req.batch_size,

@@ -171,6 +171,19 @@ def _is_merge_reduction(backbone: nn.Module, mod_name: str, merge_cls) -> bool:
     return isinstance(parent, merge_cls)
 
 
+def check_weights_file(weights: str | os.PathLike | None) -> None:
+    """Fail before any work when a given ``--weights`` is not a file.
+
+    Raises:
+        MtbenchError: ``weights`` is a directory, or does not exist.
+    """
+    if weights is not None and Path(weights).is_dir():
+        raise MtbenchError(f"--weights {str(weights)!r} is a directory; give a checkpoint file (.pth, .bin or "
+                           ".safetensors)")
+    if weights is not None and not Path(weights).is_file():
+        raise MtbenchError(f"weights file not found: {str(weights)!r}")
+
+
 def create_backbone(
     name: str = "swin_embedded",
     *,
@@ -200,8 +213,7 @@ def create_backbone(
     timm_name, default_size, default_dpr = BACKBONES[name]
     size = int(img_size or default_size)
     dpr = default_dpr if drop_path_rate is None else float(drop_path_rate)
-    if weights is not None and not Path(weights).is_file():
-        raise MtbenchError(f"weights file not found: {str(weights)!r}")
+    check_weights_file(weights)
     SwinTransformer, _, _ = _timm_swin_classes()
     if timm_name is not None:
         try:

@@ -265,3 +265,20 @@ def test_results_lacking_what_reports_read_are_one_line_errors(tmp_path):
         path = tmp_path / name / "synthetic/lora/default/seed0.json"
         assert res.returncode == 2 and res.stderr == f"error: invalid result file {str(path)!r}: {message}\n", (
             name, res.stderr)
+
+
+def test_results_of_another_dataset_or_split_are_not_reported_under_this_one(tmp_path):
+    cases = {"dataset": (("run", "dataset"), "nyud", "is of dataset 'nyud' but lies under"),
+             "split": ((None, "split"), "val", "holds 'val' metrics; the reports compare the test split")}
+    for name, ((outer, key), value, message) in cases.items():
+        path = tmp_path / name / "synthetic/lora/default/seed0.json"
+        path.parent.mkdir(parents=True)
+        data = json.loads((REFERENCE / "synthetic/lora/default/seed0.json").read_text())
+        (data[outer] if outer else data)[key] = value
+        path.write_text(json.dumps(data))
+    runs = mtbench_many(*(["table", "--results-dir", str(tmp_path / n), "--out-dir", str(tmp_path / "o")]
+                          for n in cases))
+    for (name, (_, _, message)), res in zip(cases.items(), runs, strict=True):
+        path = tmp_path / name / "synthetic/lora/default/seed0.json"
+        assert res.returncode == 2 and res.stderr.startswith(f"error: result file {str(path)!r} ") and \
+            message in res.stderr and len(res.stderr.splitlines()) == 1, (name, res.stderr)

@@ -27,8 +27,10 @@ def check_data_root(root: str | os.PathLike | None) -> None:
     checked where it is resolved.
 
     Raises:
-        MtbenchError: ``data root not found: 'ROOT'``.
+        MtbenchError: ``data root not found: 'ROOT'``, or a file given as the root.
     """
+    if root is not None and os.path.isfile(root):
+        raise MtbenchError(f"data root {str(root)!r} is a file; give the dataset's directory")
     if root is not None and not os.path.isdir(root):
         raise MtbenchError(f"data root not found: {str(root)!r}")
 
