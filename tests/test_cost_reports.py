@@ -145,6 +145,8 @@ NEW_COMMANDS_BAD_INPUT = [
     (["train-memory", "--methods", "mtlora:plus=true,mtlora_plus", "--dataset", "synthetic"],
      "a method is listed twice in 'mtlora:plus=true,mtlora_plus'"),
     (["data", "check", "--dataset", "pascal_context", "--workers", "-1"], "--workers must be >= 0"),
+    (["data", "check", "--dataset", ""], "unknown dataset ''; valid: pascal_context, nyud"),
+    (["data", "check", "--dataset", "synthetic"], "dataset 'synthetic' is generated, there are no files to check"),
 ]
 
 

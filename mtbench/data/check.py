@@ -63,6 +63,10 @@ def check_dataset(name: str, root: str | os.PathLike | None, *, workers: int | N
     """
     from mtbench.datasets import get_dataset
 
+    from mtbench.datasets import dataset_names
+
+    if name not in dataset_names():  # the datasets with files, not every registered one, are what is accepted here
+        raise MtbenchError(f"unknown dataset {name!r}; valid: {', '.join(_checkable())}")
     spec = get_dataset(name)
     if spec.check_items is None or spec.check_item is None or spec.data_dir is None:
         raise MtbenchError(f"dataset {name!r} is generated, there are no files to check; valid: "
