@@ -199,8 +199,11 @@ def load_profile(path: str | os.PathLike) -> dict[str, Any]:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise MtbenchError(f"invalid profile file {path}: {e}") from None
-    if not isinstance(data, dict) or data.get("schema") != "mtbench.profile/1":
+    if not isinstance(data, dict) or "schema" not in data:
         raise MtbenchError(f"invalid profile file {path}: no 'schema': 'mtbench.profile/1'")
+    if data["schema"] != "mtbench.profile/1":
+        raise MtbenchError(f"invalid profile file {path}: schema {data['schema']!r} is not one this mtbench reads "
+                           "('mtbench.profile/1'; a newer mtbench wrote it?)")
     try:
         ProfileFields.model_validate(data)
     except ValidationError as e:

@@ -230,6 +230,11 @@ def test_a_result_or_profile_the_reports_cannot_read_is_one_line_error(results_w
             lines = res.stderr.strip().splitlines()
             assert res.returncode == 2 and len(lines) == 1, (args, res.stderr)
             assert lines[0] == f"error: invalid profile file {prof_file}: {message}", lines[0]
+    prof_file.write_text(json.dumps({**prof, "schema": "mtbench.profile/9"}))
+    res = mtbench("table", "--kind", "cost", "--results-dir", str(root), "--out-dir", str(tmp_path / "o"))
+    assert res.returncode == 2 and res.stderr == (f"error: invalid profile file {prof_file}: schema "
+                                                  "'mtbench.profile/9' is not one this mtbench reads "
+                                                  "('mtbench.profile/1'; a newer mtbench wrote it?)\n"), res.stderr
     prof_file.write_text(json.dumps(prof))
     assert mtbench("table", "--kind", "cost", "--results-dir", str(root), "--out-dir", str(tmp_path / "o")
                    ).returncode == 0
