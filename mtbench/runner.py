@@ -178,13 +178,13 @@ def plan(req: RunRequest) -> tuple[list[TaskSpec], list[PlannedRun], TrainConfig
             path = ident.result_path(req.results_dir, seed)
             if path.is_dir():  # found before training, not when the result is written
                 raise MtbenchError(f"the result path {str(path)!r} is a directory; move it away")
-            if path.exists() and req.existing == "error":
-                raise MtbenchError(f"result exists: {path}; pass --existing skip or --existing overwrite")
-            if path.exists() and req.existing == "skip":  # only a valid result may stand for the run
+            if path.exists() and req.existing in ("error", "skip"):  # only a valid result may stand for the run
                 try:
                     read_result(path)
                 except MtbenchError as e:
                     raise MtbenchError(f"{e}; pass --existing overwrite to run it again") from None
+                if req.existing == "error":
+                    raise MtbenchError(f"result exists: {path}; pass --existing skip or --existing overwrite")
             runs.append(PlannedRun(rm, path, ident, seed))
     seen = set()
     for r in runs:

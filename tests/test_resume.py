@@ -449,6 +449,10 @@ def test_an_invalid_existing_result_is_not_skipped_nor_listed_as_done(tmp_path):
     path.write_text('{"run": ')  # truncated by hand: mtbench's own writes are atomic
     with pytest.raises(MtbenchError, match="invalid result file .*Invalid JSON.*; pass --existing overwrite"):
         plan(req)
+    req.existing = "error"  # not "pass --existing skip", which would fail on it the same way
+    with pytest.raises(MtbenchError, match=r"invalid result file .*Invalid JSON.*; pass --existing overwrite to run "
+                                           r"it again$"):
+        plan(req)
     state, detail = run_state(path)
     assert state == "failed" and "Invalid JSON" in detail
     req.existing = "overwrite"
