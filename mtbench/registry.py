@@ -167,7 +167,7 @@ def resolve_spec(spec: MethodSpec) -> ResolvedMethod:
     Conversely a plain method given a variant's whole preset (``mtlora:plus=true``, ``adapter:share=shared``)
     resolves to that variant (``mtlora_plus``, ``vl_adapter``), so one configuration has one key and one label; so
     does a plain method whose configuration is a variant's preset because that preset is the method's default
-    (``vpt`` and ``vpt:share=dedicated`` are ``vpt_shallow`` and ``vpt_shallow:share=dedicated``).
+    (``vpt`` and ``vpt:share=shared`` are ``vpt_shallow`` and ``vpt_shallow:share=shared``).
 
     An option given a value other than its preset's where it has no effect (:meth:`MethodConfig.inert_options`,
     e.g. ``tadformer:dtf=false,filter=static``) is refused: the run would be the same model under a second key.
@@ -185,7 +185,7 @@ def resolve_spec(spec: MethodSpec) -> ResolvedMethod:
                                f"leave {key} out")
     if len(preset) == 1:
         (key, value), = preset.items()
-        if key in spec.options and getattr(cfg, key) != getattr(info.config_cls.from_options(preset), key):
+        if key in spec.options and getattr(cfg, key) != getattr(base, key):
             raise MtbenchError(f"{spec.label()}: the variant {variant} is {info.name} with {key}={option_text(value)}; "
                                f"for {key}={spec.options[key]} use "
                                f"{info.name}:{key}={spec.options[key]}")

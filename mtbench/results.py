@@ -308,7 +308,8 @@ def _check_writable(directory: Path, flag: str, shown: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=existing, prefix=".mtbench-write-check-"):
             pass
     except OSError as e:
-        raise MtbenchError(f"{flag} {str(shown)!r} cannot be written ({e.strerror or e} in {str(existing)!r})") from None
+        why = e.strerror or e
+        raise MtbenchError(f"{flag} {str(shown)!r} cannot be written ({why} in {str(existing)!r})") from None
 
 
 def check_output_dir(path: str | os.PathLike, flag: str) -> None:

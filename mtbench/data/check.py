@@ -61,9 +61,7 @@ def check_dataset(name: str, root: str | os.PathLike | None, *, workers: int | N
     Raises:
         MtbenchError: unknown dataset, a dataset without files to check, or a root that is not a directory.
     """
-    from mtbench.datasets import get_dataset
-
-    from mtbench.datasets import dataset_names
+    from mtbench.datasets import dataset_names, get_dataset
 
     if name not in dataset_names():  # the datasets with files, not every registered one, are what is accepted here
         raise MtbenchError(f"unknown dataset {name!r}; valid: {', '.join(_checkable())}")
