@@ -88,6 +88,9 @@ class Compacter(MultiTaskModel):
 
     Attributes:
         phm_rule: the shared :class:`mtbench.adapters.PHMRule`.
+
+    Raises:
+        MtbenchError: ``n`` does not divide every stage width of the backbone (the PHM layers split C into n parts).
     """
 
     def __init__(self, backbone, tasks, cfg: CompacterConfig):
