@@ -250,6 +250,13 @@ def evaluation_protocol(req: RunRequest, tasks: list[TaskSpec]) -> dict:
     return out
 
 
+def failure_line(e: BaseException) -> str:
+    """The one line a failed run's status file records (``mtbench status`` shows it): a user error as the CLI prints
+    it (``error: ...``), anything else (a bug) with its exception type, e.g. ``RuntimeError: ...``."""
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"error: {first}" if isinstance(e, MtbenchError) else f"{type(e).__name__}: {first}"
+
+
 def run_one(req: RunRequest, tasks: list[TaskSpec], planned: PlannedRun, recipe: TrainConfig, datasets,
             device: torch.device, progress=None, stop=None, log=None) -> RunResult:
     """Train and evaluate one (method, seed); write its result file atomically and return it.
@@ -303,7 +310,7 @@ def run_one(req: RunRequest, tasks: list[TaskSpec], planned: PlannedRun, recipe:
             e = MtbenchError(f"{planned.label}: out of memory on {device} ({what}) at batch size {recipe.batch_size}; "
                              "lower --batch-size or the method's sizes")
         if main:
-            write_status(planned.path, "failed", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            write_status(planned.path, "failed", error=failure_line(e))
         if isinstance(e, MtbenchError):
             raise e from None
         raise
@@ -372,7 +379,7 @@ def execute(req: RunRequest, log=print, progress=None) -> list[tuple[PlannedRun,
             from mtbench.launch import write_status
 
             for r in todo:
-                write_status(r.path, "failed", error=f"MtbenchError: {str(e).splitlines()[0]}")
+                write_status(r.path, "failed", error=failure_line(e))
         raise
     log(f"dataset {req.dataset} ({len(datasets[0])}/{len(datasets[1])}/{len(datasets[2])} train/val/test), tasks "
         f"{', '.join(t.name for t in task_specs)}, device {dev}"

@@ -428,7 +428,7 @@ def test_a_failed_runs_status_file_does_not_break_the_reports(tmp_path):
     shutil.copytree(Path(__file__).parents[1] / "results/reference/synthetic/lora/default",
                     root / "synthetic/lora/default",
                     ignore=shutil.ignore_patterns("*.safetensors", "*.log"))
-    write_status(root / "synthetic/lora/default/seed3.json", "failed", error="MtbenchError: weights file not found")
+    write_status(root / "synthetic/lora/default/seed3.json", "failed", error="error: weights file not found")
     assert (root / "synthetic/lora/default/seed3.status.json").is_file()
     assert [p.name for p, _ in load_results(root)] == ["seed0.json", "seed1.json", "seed2.json"]
     assert is_result_name("seed12.json") and not is_result_name("seed0.status.json")
@@ -491,7 +491,7 @@ def test_a_batch_too_large_for_memory_is_one_line_naming_the_run(tmp_path, monke
         "--batch-size or the method's sizes" in msg, msg
     path = runner.plan(req)[1][0].path
     state, detail = run_state(path)
-    assert state == "failed" and detail.startswith("MtbenchError: ") and "tried to allocate 400 GB" in detail
+    assert state == "failed" and detail.startswith("error: lora (r=2) [") and "tried to allocate 400 GB" in detail
 
 
 def test_a_model_too_large_for_memory_is_one_line_through_the_entry_point(tmp_path):
@@ -524,3 +524,13 @@ def test_an_allocation_failure_anywhere_else_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(mtbench.registry, "list_methods", other)
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         main(["list"])
+
+
+def test_a_failed_runs_status_line_reads_as_the_cli_error_or_names_the_bug():
+    """A user error is recorded as the CLI prints it; anything else (a bug) with its exception type."""
+    from mtbench.runner import failure_line
+
+    assert failure_line(MtbenchError("weights file not found: w.pt\nsecond line")) == \
+        "error: weights file not found: w.pt"
+    assert failure_line(RuntimeError("shape mismatch")) == "RuntimeError: shape mismatch"
+    assert failure_line(KeyboardInterrupt()) == "KeyboardInterrupt: "
