@@ -24,6 +24,7 @@ import statistics
 import time
 
 import torch
+from specs import split_methods
 
 
 def build(spec: str, size: int):
@@ -100,7 +101,7 @@ def main() -> None:
     else:
         print("CPU settings: torch and glibc defaults")
     torch.set_num_threads(args.threads)
-    specs = [s.strip() for s in args.methods.split(",")]
+    specs = split_methods(args.methods)
     if specs[0] != "mtl_full":
         specs.insert(0, "mtl_full")
     models = {s: build(s, args.size) for s in specs}

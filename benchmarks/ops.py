@@ -25,6 +25,7 @@ import collections
 import time
 
 import torch
+from specs import split_methods
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_cpu()
     device = resolve_device(args.device)
     sync = synchronizer(device)
-    specs = [s.strip() for s in args.methods.split(",") if s.strip()]
+    specs = split_methods(args.methods)
     results = {"train": {}, "inference": {}}
     for spec in specs:
         w = Workload(spec, args.dataset, args.batch_size, device)

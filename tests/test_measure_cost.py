@@ -267,9 +267,9 @@ def test_decoder_flops_grow_with_the_number_of_tasks():
     assert counts[1] - counts[0] == sum(head[t] for t in w5.model.task_names[1:])  # one head per added task
 
 
-def test_benchmark_ops_times_every_operator_call():
+def test_benchmark_ops_times_every_operator_call(monkeypatch):
     """benchmarks/ops.py: the dispatch timer counts each aten call once, forward and backward, and the script prints
-    a per-operator table whose rows add up to the printed sum."""
+    a per-operator table whose rows add up to the printed sum; a method with several options is one column."""
     import importlib.util
     import os
     import re
@@ -278,6 +278,7 @@ def test_benchmark_ops_times_every_operator_call():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root / "benchmarks"))  # as when run as a script: its folder is on sys.path
     spec = importlib.util.spec_from_file_location("bench_ops", root / "benchmarks" / "ops.py")
     ops = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ops)
@@ -288,14 +289,14 @@ def test_benchmark_ops_times_every_operator_call():
     assert timer.calls["mm"] == 3  # forward, and one per input in backward (a appears twice)
     assert timer.calls["sum"] == 1 and all(v >= 0 for v in timer.seconds.values())
 
-    res = subprocess.run([sys.executable, str(root / "benchmarks" / "ops.py"), "--methods", "mtl_full,lora",
+    res = subprocess.run([sys.executable, str(root / "benchmarks" / "ops.py"), "--methods", "mtl_full,lora:r=2,scale=2",
                           "--dataset", "synthetic", "--warmup", "0", "--repeats", "1", "--rows", "500"],
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)})
     assert res.returncode == 0, res.stderr
     train = res.stdout.split("inference (")[0]
     rows = [line.split("|")[1:-1] for line in train.splitlines() if line.startswith("| ") and "**" not in line]
     header, body = rows[0], rows[1:]
-    assert [h.strip() for h in header] == ["operator", "mtl_full", "lora"]
+    assert [h.strip() for h in header] == ["operator", "mtl_full", "lora (r=2, scale=2)"]
     assert any(r[0].strip() == "mm" for r in body)
     total = float(re.search(r"\*\*sum of operators\*\* \| (\d+)", train).group(1))
     assert abs(sum(float(r[1]) for r in body) - total) <= 1 + 0.05 * total
@@ -304,6 +305,10 @@ def test_benchmark_ops_times_every_operator_call():
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)})
     assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [bad.stderr.strip()]
     assert bad.stderr.startswith("error: unknown method 'nope'; valid:")
+    assert ops.split_methods("lora:targets=qkv+proj,r=16,mtlora@task, ,tadformer") == [
+        "lora:targets=qkv+proj,r=16", "mtlora@task", "tadformer"]
+    with pytest.raises(SystemExit, match="option 'r=16' comes before any method name"):
+        ops.split_methods("r=16,lora")
 
 
 _FRAGMENT = (
