@@ -328,7 +328,7 @@ def table(
     reported: bool = typer.Option(False, "--reported", help="also print the numbers the papers report (TADFormer "
                                   "Tables 1-2, TDSS Tables 1-3, MTLoRA Table 1), marked as reported, with sources"),
 ) -> None:
-    """Print the paper-style table from result files and write it under reports/ (``--kind cost``: the cost table)."""
+    """Print the paper-style table from result files and write it under reports/ (`--kind cost`: the cost table)."""
     from mtbench.report import (
         add_reported_columns, build_cost_table, build_table, format_cost_table, format_table, write_table,
     )
@@ -446,7 +446,7 @@ def references(
     dataset: str = typer.Option("synthetic", help="dataset whose single_task results become the references"),
     results_dir: str = typer.Option("results", help="where result files are"),
 ) -> None:
-    """Write the single-task references used for Δm from this dataset's ``single_task`` results (mean over seeds)."""
+    """Write the single-task references used for Δm from this dataset's single_task results (mean over seeds)."""
     from mtbench.datasets import get_dataset
     from mtbench.references import write_references
 
