@@ -3,8 +3,8 @@
 Setting (issue 6): Swin-T at 448x448, PASCAL-Context's 4 tasks, random weights, CPU with ``--threads`` threads (2);
 training step = forward + backward at batch 2 (the optimiser step is left out: it is the same AdamW for all),
 inference = eval-mode forward at batch 1 under ``no_grad`` (with the shared LoRA merged where the code supports it:
-``mtbench.lora.merged_lora``; the merge and unmerge are not timed). Rounds are interleaved (each round times every method once, in order) and the median
-of the rounds is reported, so that a busy machine slows every method alike.
+``mtbench.lora.merged_lora``; the merge and unmerge are not timed). Rounds are interleaved (each round times every
+method once, in order) and the median of the rounds is reported, so that a busy machine slows every method alike.
 
 Training memory = bytes autograd saves for backward during the step (unique storages, via
 ``torch.autograd.graph.saved_tensors_hooks``) plus the gradients of the trainable parameters: the part of the peak
@@ -20,6 +20,7 @@ checkpoints keep outside their blocks, not the one block recomputed at a time in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -73,11 +74,8 @@ def infer(model, x) -> float:
         from mtbench.lora import merged_lora
     except ImportError:
         merged_lora = None
-    if merged_lora is None:
-        t0 = time.perf_counter()
-        model(x)
-        return time.perf_counter() - t0
-    with merged_lora(model):  # the merge and unmerge are not timed, as in `mtbench profile`
+    # the merge and unmerge are not timed, as in `mtbench profile`
+    with merged_lora(model) if merged_lora is not None else contextlib.nullcontext():
         t0 = time.perf_counter()
         model(x)
         return time.perf_counter() - t0
