@@ -10,6 +10,9 @@ Training memory = bytes autograd saves for backward during the step (unique stor
 ``torch.autograd.graph.saved_tensors_hooks``) plus the gradients of the trainable parameters: the part of the peak
 that depends on the method (the frozen weights are the same for all). Deterministic, unlike process RSS.
 
+After the table the script prints issue 6's targets (Done-when 3, :data:`TARGETS`) for the methods it measured:
+each ratio, its target and whether it is met.
+
 Run from a checkout root: ``PYTHONPATH=$PWD python benchmarks/cost.py`` (``--methods``, ``--rounds``, ``--size``
 for a quicker look). The same script runs on older checkouts (it uses only the registry API). A method written
 ``NAME@MODE`` (``mtlora@task``) trains with ``--activation-checkpoint MODE``; its memory then counts what the
@@ -65,6 +68,31 @@ def train_step(model, x) -> tuple[float, int]:
     dt = time.perf_counter() - t0
     grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     return dt, sum(seen.values()) + grads
+
+
+#: issue 6, Done-when 3: the most each ratio to ``mtl_full`` in the same run may be (train step, inference, training
+#: memory; r = 16, Swin-T 448, 4 PASCAL tasks, 2 CPU threads)
+TARGETS = {
+    "lora": {"memory": 1.0},
+    "mtlora": {"train": 1.0, "inference": 1.10, "memory": 1.0},
+    "tadformer": {"train": 1.3, "inference": 1.3, "memory": 1.0},
+    "tadformer_official": {"train": 1.3, "inference": 1.3},
+}
+
+
+def verdict(ratios: dict[str, dict[str, float]]) -> list[tuple[str, str, float, float, bool]]:
+    """Issue 6's targets for the measured methods: rows ``(method, quantity, ratio, target, met)``.
+
+    ``ratios``: ``{spec: {"train": r, "inference": r, "memory": r}}``, ratios to ``mtl_full``. A spec counts under
+    its method name alone or with ``@MODE`` (``mtlora@task``: the same model trained with ``--activation-checkpoint
+    task``); a spec with options (``lora:r=8``) is another model and gets no row. ``met`` compares the ratio rounded
+    to two decimals, as printed, with the target.
+    """
+    rows = []
+    for spec, got in ratios.items():
+        for quantity, target in TARGETS.get(spec.partition("@")[0], {}).items():
+            rows.append((spec, quantity, got[quantity], target, round(got[quantity], 2) <= target))
+    return rows
 
 
 @torch.no_grad()
@@ -125,12 +153,23 @@ def main() -> None:
     print(f"\nSwin-T {args.size}, 4 PASCAL tasks, {args.threads} threads, median of {args.rounds} interleaved rounds")
     print("| method | train step s | ratio | spread | inference s | ratio | spread | train memory MB | ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
+    ratios = {}
     for s in specs:
         t, i = statistics.median(times[s]), statistics.median(inf[s])
         sp_t = (max(times[s]) - min(times[s])) / t
         sp_i = (max(inf[s]) - min(inf[s])) / i
-        print(f"| {s} | {t:.2f} | {t / base_t:.2f} | ±{50 * sp_t:.0f}% | {i:.2f} | {i / base_i:.2f} | ±{50 * sp_i:.0f}% "
-              f"| {mem[s] / 2**20:.0f} | {mem[s] / base_m:.2f} |")
+        ratios[s] = {"train": t / base_t, "inference": i / base_i, "memory": mem[s] / base_m}
+        print(f"| {s} | {t:.2f} | {t / base_t:.2f} | ±{50 * sp_t:.0f}% | {i:.2f} | {i / base_i:.2f} "
+              f"| ±{50 * sp_i:.0f}% | {mem[s] / 2**20:.0f} | {mem[s] / base_m:.2f} |")
+    rows = verdict(ratios)
+    if rows:
+        setting = "" if (args.size, args.threads) == (448, 2) else " (set for --size 448 --threads 2, not this run's)"
+        print(f"\nIssue 6 targets{setting}: ratio to mtl_full at most; memory as counted above (`mtbench profile` "
+              "measures the whole peak)")
+        print("| method | quantity | ratio | target | met |")
+        print("|---|---|---|---|---|")
+        for spec, quantity, ratio, target, met in rows:
+            print(f"| {spec} | {quantity} | {ratio:.2f} | {target:.2f} | {'yes' if met else 'no'} |")
 
 
 if __name__ == "__main__":

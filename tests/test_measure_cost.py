@@ -368,3 +368,65 @@ def test_fvcore_imports_without_torch_jit_warning():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 1 and res.stderr.strip().splitlines()[-1] == "FutureWarning: other", res.stderr
     assert "torch.jit.script" not in res.stderr
+
+
+def _load_cost_script(monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root / "benchmarks"))  # as when run as a script: its folder is on sys.path
+    spec = importlib.util.spec_from_file_location("bench_cost", root / "benchmarks" / "cost.py")
+    cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cost)
+    return root, cost
+
+
+def test_benchmark_cost_verdict_states_issue_6_targets(monkeypatch):
+    """benchmarks/cost.py's verdict: one row per target of a measured method (by name, or NAME@MODE), none for a
+    method with options or without targets; met = the ratio rounded as printed is at most the target."""
+    _, cost = _load_cost_script(monkeypatch)
+    ratios = {
+        "mtl_full": {"train": 1.0, "inference": 1.0, "memory": 1.0},
+        "mtlora": {"train": 1.65, "inference": 1.104, "memory": 1.76},
+        "mtlora@task": {"train": 2.0, "inference": 1.2, "memory": 0.85},
+        "lora": {"train": 0.84, "inference": 1.03, "memory": 0.69},
+        "lora:r=8": {"train": 0.8, "inference": 1.0, "memory": 0.6},
+        "tadformer_official": {"train": 1.91, "inference": 1.3049, "memory": 1.93},
+    }
+    rows = {(m, q): (ratio, target, met) for m, q, ratio, target, met in cost.verdict(ratios)}
+    assert rows == {
+        ("mtlora", "train"): (1.65, 1.0, False),
+        ("mtlora", "inference"): (1.104, 1.10, True),  # prints as 1.10
+        ("mtlora", "memory"): (1.76, 1.0, False),
+        ("mtlora@task", "train"): (2.0, 1.0, False),
+        ("mtlora@task", "inference"): (1.2, 1.10, False),
+        ("mtlora@task", "memory"): (0.85, 1.0, True),
+        ("lora", "memory"): (0.69, 1.0, True),
+        ("tadformer_official", "train"): (1.91, 1.3, False),
+        ("tadformer_official", "inference"): (1.3049, 1.3, True),
+    }
+
+
+def test_benchmark_cost_script_prints_table_and_targets():
+    """benchmarks/cost.py run as a user runs it (small size, one round): the cost table has mtl_full at ratio 1 and
+    the targets table repeats lora's memory ratio from it with the verdict that ratio implies."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, str(root / "benchmarks" / "cost.py"), "--methods", "lora", "--size", "224",
+                          "--rounds", "1"], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)})
+    assert res.returncode == 0, res.stderr
+    table = {r[0]: r[1:] for r in (
+        [c.strip() for c in line.split("|")[1:-1]] for line in res.stdout.split("Issue 6 targets")[0].splitlines()
+        if line.startswith("| ") and not line.startswith("| method"))}
+    assert list(table) == ["mtl_full", "lora"]
+    assert table["mtl_full"][1] == table["mtl_full"][4] == table["mtl_full"][7] == "1.00"
+    assert "Issue 6 targets (set for --size 448 --threads 2, not this run's)" in res.stdout
+    memory = table["lora"][7]
+    assert re.search(rf"^\| lora \| memory \| {memory} \| 1\.00 \| {'yes' if float(memory) <= 1 else 'no'} \|$",
+                     res.stdout, re.M)
