@@ -267,10 +267,22 @@ def test_decoder_flops_grow_with_the_number_of_tasks():
     assert counts[1] - counts[0] == sum(head[t] for t in w5.model.task_names[1:])  # one head per added task
 
 
+def _load_benchmark(monkeypatch, name: str):
+    """The script ``benchmarks/NAME.py`` as a module, imported as when it is run (its folder on ``sys.path``)."""
+    import importlib.util
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(folder))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_benchmark_ops_times_every_operator_call(monkeypatch):
     """benchmarks/ops.py: the dispatch timer counts each aten call once, forward and backward, and the script prints
     a per-operator table whose rows add up to the printed sum; a method with several options is one column."""
-    import importlib.util
     import os
     import re
     import subprocess
@@ -278,10 +290,7 @@ def test_benchmark_ops_times_every_operator_call(monkeypatch):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    monkeypatch.syspath_prepend(str(root / "benchmarks"))  # as when run as a script: its folder is on sys.path
-    spec = importlib.util.spec_from_file_location("bench_ops", root / "benchmarks" / "ops.py")
-    ops = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ops)
+    ops = _load_benchmark(monkeypatch, "ops")
     a = torch.randn(64, 32, requires_grad=True)
     timer = ops.OperatorTimer()
     with timer:
@@ -370,22 +379,10 @@ def test_fvcore_imports_without_torch_jit_warning():
     assert "torch.jit.script" not in res.stderr
 
 
-def _load_cost_script(monkeypatch):
-    import importlib.util
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    monkeypatch.syspath_prepend(str(root / "benchmarks"))  # as when run as a script: its folder is on sys.path
-    spec = importlib.util.spec_from_file_location("bench_cost", root / "benchmarks" / "cost.py")
-    cost = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cost)
-    return root, cost
-
-
 def test_benchmark_cost_verdict_states_issue_6_targets(monkeypatch):
     """benchmarks/cost.py's verdict: one row per target of a measured method (by name, or NAME@MODE), none for a
     method with options or without targets; met = the ratio rounded as printed is at most the target."""
-    _, cost = _load_cost_script(monkeypatch)
+    cost = _load_benchmark(monkeypatch, "cost")
     ratios = {
         "mtl_full": {"train": 1.0, "inference": 1.0, "memory": 1.0},
         "mtlora": {"train": 1.65, "inference": 1.104, "memory": 1.76},
