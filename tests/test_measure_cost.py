@@ -280,16 +280,23 @@ def _load_benchmark(monkeypatch, name: str):
     return module
 
 
-def test_benchmark_ops_times_every_operator_call(monkeypatch):
-    """benchmarks/ops.py: the dispatch timer counts each aten call once, forward and backward, and the script prints
-    a per-operator table whose rows add up to the printed sum; a method with several options is one column."""
+def _run_benchmark(name: str, *args: str):
+    """Run ``benchmarks/NAME.py ARGS`` as a user does (``PYTHONPATH`` = the checkout); the completed process."""
     import os
-    import re
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, str(root / "benchmarks" / f"{name}.py"), *args], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(root)})
+
+
+def test_benchmark_ops_times_every_operator_call(monkeypatch):
+    """benchmarks/ops.py: the dispatch timer counts each aten call once, forward and backward, and the script prints
+    a per-operator table whose rows add up to the printed sum; a method with several options is one column."""
+    import re
+
     ops = _load_benchmark(monkeypatch, "ops")
     a = torch.randn(64, 32, requires_grad=True)
     timer = ops.OperatorTimer()
@@ -298,9 +305,8 @@ def test_benchmark_ops_times_every_operator_call(monkeypatch):
     assert timer.calls["mm"] == 3  # forward, and one per input in backward (a appears twice)
     assert timer.calls["sum"] == 1 and all(v >= 0 for v in timer.seconds.values())
 
-    res = subprocess.run([sys.executable, str(root / "benchmarks" / "ops.py"), "--methods", "mtl_full,lora:r=2,scale=2",
-                          "--dataset", "synthetic", "--warmup", "0", "--repeats", "1", "--rows", "500"],
-                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)})
+    res = _run_benchmark("ops", "--methods", "mtl_full,lora:r=2,scale=2", "--dataset", "synthetic", "--warmup", "0",
+                         "--repeats", "1", "--rows", "500")
     assert res.returncode == 0, res.stderr
     train = res.stdout.split("inference (")[0]
     rows = [line.split("|")[1:-1] for line in train.splitlines() if line.startswith("| ") and "**" not in line]
@@ -310,8 +316,7 @@ def test_benchmark_ops_times_every_operator_call(monkeypatch):
     total = float(re.search(r"\*\*sum of operators\*\* \| (\d+)", train).group(1))
     assert abs(sum(float(r[1]) for r in body) - total) <= 1 + 0.05 * total
 
-    bad = subprocess.run([sys.executable, str(root / "benchmarks" / "ops.py"), "--methods", "nope"],
-                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)})
+    bad = _run_benchmark("ops", "--methods", "nope")
     assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [bad.stderr.strip()]
     assert bad.stderr.startswith("error: unknown method 'nope'; valid:")
     assert ops.split_methods("lora:targets=qkv+proj,r=16,mtlora@task, ,tadformer") == [
@@ -408,15 +413,9 @@ def test_benchmark_cost_verdict_states_issue_6_targets(monkeypatch):
 def test_benchmark_cost_script_prints_table_and_targets():
     """benchmarks/cost.py run as a user runs it (small size, one round): the cost table has mtl_full at ratio 1 and
     the targets table repeats lora's memory ratio from it with the verdict that ratio implies."""
-    import os
     import re
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    res = subprocess.run([sys.executable, str(root / "benchmarks" / "cost.py"), "--methods", "lora", "--size", "224",
-                          "--rounds", "1"], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)})
+    res = _run_benchmark("cost", "--methods", "lora", "--size", "224", "--rounds", "1")
     assert res.returncode == 0, res.stderr
     table = {r[0]: r[1:] for r in (
         [c.strip() for c in line.split("|")[1:-1]] for line in res.stdout.split("Issue 6 targets")[0].splitlines()
