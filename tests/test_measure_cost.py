@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -267,12 +268,14 @@ def test_decoder_flops_grow_with_the_number_of_tasks():
     assert counts[1] - counts[0] == sum(head[t] for t in w5.model.task_names[1:])  # one head per added task
 
 
+_REPO = Path(__file__).resolve().parents[1]  # the checkout; the benchmark scripts are in _REPO / "benchmarks"
+
+
 def _load_benchmark(monkeypatch, name: str):
     """The script ``benchmarks/NAME.py`` as a module, imported as when it is run (its folder on ``sys.path``)."""
     import importlib.util
-    from pathlib import Path
 
-    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    folder = _REPO / "benchmarks"
     monkeypatch.syspath_prepend(str(folder))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -284,12 +287,9 @@ def _run_benchmark(name: str, *args: str):
     """Run ``benchmarks/NAME.py ARGS`` as a user does (``PYTHONPATH`` = the checkout); the completed process."""
     import os
     import subprocess
-    import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    return subprocess.run([sys.executable, str(root / "benchmarks" / f"{name}.py"), *args], capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(root)})
+    return subprocess.run([sys.executable, str(_REPO / "benchmarks" / f"{name}.py"), *args], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(_REPO)})
 
 
 def test_benchmark_ops_times_every_operator_call(monkeypatch):
