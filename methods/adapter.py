@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mtbench.adapters import ADAPTER_POSITIONS, AdapterExtension, BottleneckAdapter
+from mtbench.adapters import ADAPTER_POSITIONS, AdapterExtension, BottleneckAdapter, bottleneck_width
 from mtbench.config import MethodConfig, positive, share_field
 from mtbench.errors import MtbenchError
 from mtbench.model import MultiTaskModel
@@ -86,8 +86,8 @@ class Adapter(MultiTaskModel):
         super().__init__(backbone, tasks)
         self.use_convention(cfg.share)
         exts = self.extend_blocks(lambda stage, index, block: AdapterExtension(
-            lambda dim: BottleneckAdapter(dim, dim // cfg.reduction), block.dim, self.task_names, cfg.share,
-            cfg.positions))
+            lambda dim: BottleneckAdapter(dim, bottleneck_width(dim, cfg.reduction, "adapter")), block.dim,
+            self.task_names, cfg.share, cfg.positions))
         for e in exts:
             self.add_method_params(e)
         if cfg.train_norms:

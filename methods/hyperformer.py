@@ -36,7 +36,8 @@ Choices the paper and code leave open for Swin (stated, not found in any source)
   at each PatchMerging (96/192/384/768 on Swin-T), and a generator head's output size is the adapter's size, so here
   **one hypernetwork per Swin stage** generates that stage's adapters (layer-id embeddings for the stage's blocks);
   the **task embeddings are shared by all four** (the official model also shares one ``TaskEmbeddingController``
-  between its encoder and decoder stacks). Bottleneck ``max(1, C // r)``: 3/6/12/24 on Swin-T.
+  between its encoder and decoder stacks). Bottleneck ``C // r``: 3/6/12/24 on Swin-T; a ``r`` above the smallest
+  ``C`` is refused (:func:`mtbench.adapters.bottleneck_width`).
 * **Streams.** The generated weights are task-specific everywhere, so every block runs per task: task streams from
   the patch embedding (``StreamPlan.dedicated()``: T streams stacked on the batch, one backbone call). The generated
   weights of all tasks come from one hypernetwork call per block and are applied with one batched matmul
@@ -63,6 +64,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mtbench.adapters import bottleneck_width
 from mtbench.config import MethodConfig, positive
 from mtbench.encoder import BlockExtension, StreamPlan
 from mtbench.hypernet import HyperNetwork, TaskEmbeddings, stream_layer_norm, stream_linear
@@ -172,7 +174,7 @@ class HyperFormer(MultiTaskModel):
     def _stage_hypernet(self, dim: int, depth: int) -> HyperNetwork:
         """The hypernetwork generating the adapters of one stage of width ``dim`` with ``depth`` blocks."""
         cfg = self.cfg
-        b = max(1, dim // cfg.reduction_factor)
+        b = bottleneck_width(dim, cfg.reduction_factor, "hyperformer", "reduction_factor")
         heads = adapter_heads(dim, b) if cfg.efficient else {**adapter_heads(dim, b, "attn_"),
                                                                **adapter_heads(dim, b, "mlp_")}
         return HyperNetwork(self.task_embeddings, depth, heads, hidden=cfg.hidden_dim, proj_dim=cfg.projected_dim,

@@ -65,6 +65,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mtbench.adapters import bottleneck_width
 from mtbench.config import MethodConfig, positive
 from mtbench.encoder import BlockExtension, StreamPlan
 from mtbench.errors import MtbenchError
@@ -191,7 +192,7 @@ class Polyhistor(MultiTaskModel):
         depths = backbone.depths
         self.offsets = [sum(depths[:i]) for i in range(len(depths))]
         d0 = dims[0]
-        b0 = max(1, d0 // cfg.reduction_factor)
+        b0 = bottleneck_width(d0, cfg.reduction_factor, "polyhistor", "reduction_factor")  # d0: the narrowest stage
         if cfg.lite:
             bad = [d for d in dims if d % d0]
             if bad:
@@ -199,7 +200,7 @@ class Polyhistor(MultiTaskModel):
             heads = _factor_heads(None, d0, b0, cfg.rank)
         else:
             heads = {name: shape for stage, dim in enumerate(dims)
-                     for name, shape in _factor_heads(stage, dim, max(1, dim // cfg.reduction_factor), cfg.rank).items()}
+                     for name, shape in _factor_heads(stage, dim, dim // cfg.reduction_factor, cfg.rank).items()}
         self.task_embeddings = TaskEmbeddings(self.task_names, cfg.embedding_dim)
         self.hypernet = HyperNetwork(self.task_embeddings, sum(depths), heads, hidden=cfg.hidden_dim,
                                      proj_dim=cfg.projected_dim)
@@ -214,6 +215,6 @@ class Polyhistor(MultiTaskModel):
         if self.cfg.lite:
             n = dim // d0
             return PolyhistorAdapters(self.hypernet, self.offsets[stage] + index, None, dim,
-                                      max(1, d0 // self.cfg.reduction_factor) * n, n, self.task_names)
+                                      d0 // self.cfg.reduction_factor * n, n, self.task_names)
         return PolyhistorAdapters(self.hypernet, self.offsets[stage] + index, stage, dim,
-                                  max(1, dim // self.cfg.reduction_factor), 0, self.task_names)
+                                  dim // self.cfg.reduction_factor, 0, self.task_names)

@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtbench.adapters import bottleneck_width
 from mtbench.config import MethodConfig, positive
 from mtbench.encoder import BlockContext, BlockExtension
 from mtbench.model import MultiTaskModel
@@ -86,7 +87,7 @@ class VMTAdapterBlock(BlockExtension):
 
     def __init__(self, dim: int, tasks: list[str], reduction: int, lite: bool, lite_scale: float):
         super().__init__()
-        hidden = max(1, dim // reduction)
+        hidden = bottleneck_width(dim, reduction, "vmt_adapter")
         self.lite = lite
         self.scale = lite_scale if lite else 1.0
         self.down = nn.Linear(dim, hidden)

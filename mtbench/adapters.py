@@ -27,6 +27,31 @@ from mtbench.encoder import BlockExtension
 from mtbench.errors import MtbenchError
 from mtbench.streams import TaskIndexed
 
+
+def bottleneck_width(dim: int, reduction: int, method: str, key: str = "reduction") -> int:
+    """An adapter's hidden width ``C // reduction`` (Houlsby et al. 2019, §2.1; the ``reduction_factor`` of
+    ``rabeehk/compacter`` and ``rabeehk/hyperformer``), the one rule of every adapter-based method.
+
+    Args:
+        dim: channels ``C`` of the sublayer output.
+        reduction: the method's option ``key`` (a positive integer, checked by its config).
+        method, key: named in the error.
+
+    Returns:
+        ``dim // reduction`` (at least 1).
+
+    Raises:
+        MtbenchError: when ``dim // reduction`` is 0, naming ``C``, the value and the largest accepted one. The width is
+            never clamped to 1: a clamp would give ``reduction=64`` and ``reduction=1000`` the same model under two
+            result keys.
+    """
+    width = dim // reduction
+    if width < 1:
+        raise MtbenchError(f"{method}: bottleneck C // {key} is 0 for C={dim} with {key}={reduction}; "
+                           f"accepted: {key} <= {dim}")
+    return width
+
+
 #: Where an adapter may sit in a Swin block.
 ADAPTER_POSITIONS = ("attn", "mlp")
 

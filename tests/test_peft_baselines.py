@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cli_entry import mtbench
+from cli_entry import mtbench, mtbench_many
 
 import mtbench.swin as swin
-from mtbench.adapters import PHMLinear, PHMRule
+from mtbench.adapters import PHMLinear, PHMRule, bottleneck_width
 from mtbench.config import MethodSpec
 from mtbench.encoder import BlockContext, run_block
 from mtbench.errors import MtbenchError
@@ -213,6 +213,31 @@ def test_bad_share_is_a_one_line_cli_error(tmp_path):
     assert r.stderr.strip().splitlines() == ["error: adapter: share='both' is not one of shared, dedicated"]
     assert "Traceback" not in r.stderr + r.stdout
     assert not any(tmp_path.iterdir())
+
+
+def test_bottleneck_width_is_c_over_reduction_never_clamped():
+    """``C // reduction`` floors (97 // 4 = 24); 0 is refused with the largest accepted value, not clamped to 1."""
+    assert [bottleneck_width(c, 4, "adapter") for c in (96, 97, 4)] == [24, 24, 1]
+    with pytest.raises(MtbenchError, match=r"^hyperformer: bottleneck C // reduction_factor is 0 for C=32 with "
+                                           r"reduction_factor=33; accepted: reduction_factor <= 32$"):
+        bottleneck_width(32, 33, "hyperformer", "reduction_factor")
+
+
+def test_bottleneck_below_one_is_a_one_line_cli_error_for_every_adapter_method(tmp_path):
+    """The embedded Swin's smallest stage is C=32: every adapter-based method refuses a reduction above 32 the same
+    way (HyperFormer, Polyhistor and VMT-Adapter clamped it to 1 before), and builds at 32 (bottleneck 1)."""
+    cases = [("adapter", "reduction"), ("vmt_adapter", "reduction"), ("hyperformer", "reduction_factor"),
+             ("polyhistor", "reduction_factor"), ("polyhistor_lite", "reduction_factor")]
+    runs = mtbench_many(*(["run", "--methods", f"{m}:{k}=33", "--results-dir", str(tmp_path)] for m, k in cases))
+    for (method, key), r in zip(cases, runs, strict=True):
+        name = method.removesuffix("_lite")
+        assert r.returncode == 2, (method, r.stderr)
+        assert r.stderr.strip().splitlines() == [
+            f"error: {name}: bottleneck C // {key} is 0 for C=32 with {key}=33; accepted: {key} <= 32"], r.stderr
+    for method, key in cases:
+        n = {red: count_params(build_model(resolve_spec(MethodSpec(method, {key: str(red)})),
+                                           create_backbone("swin_embedded"), TASKS)).trainable for red in (16, 32)}
+        assert n[32] < n[16], (method, n)  # the width-1 bottleneck at C=32 builds, and is narrower than width 2
 
 
 def test_params_on_the_old_decoder_through_the_cli():
