@@ -558,7 +558,14 @@ def data_check(
     if report.problems:
         print(f"error: {len(report.problems)} problem(s) in {report.root}", file=sys.stderr)
         raise typer.Exit(2)
-    console.print(f"[green]ok[/green]: every file of {sum(report.ids.values()):,} samples is present and readable")
+    done = f"every file of {sum(report.ids.values()):,} samples is present and readable"
+    if report.short:
+        console.print(f"[yellow]ok, partial[/yellow]: {done}, but "
+                      + ", ".join(f"{s} lists {have:,} of the full download's {n:,} ids"
+                                  for s, (have, n) in report.short.items())
+                      + "; results on it are not comparable with the papers'")
+    else:
+        console.print(f"[green]ok[/green]: {done}")
 
 
 @app.command()

@@ -210,6 +210,9 @@ def test_data_check_in_process_counts(pascal_root, nyud_root):  # noqa: F811
     rep = check_dataset("nyud", nyud_root, workers=2)
     assert rep.ok, rep.problems
     assert rep.ids == {"train": 2, "val": 1} and rep.expected == {"train": 795, "val": 654}
+    assert rep.short == {"train": (2, 795), "val": (1, 654)}
+    rep.ids["val"] = 654  # a complete split is not short
+    assert rep.short == {"train": (2, 795)}
     assert rep.counts["train"] == {"image": 2, "semseg": 2, "depth": 2, "normals": 2, "edge": 2}
     with pytest.raises(MtbenchError, match="no files to check"):
         check_dataset("synthetic", None)
@@ -218,7 +221,11 @@ def test_data_check_in_process_counts(pascal_root, nyud_root):  # noqa: F811
 def test_data_check_cli_passes_then_names_each_broken_file(pascal_root):  # noqa: F811
     res = mtbench("data", "check", "--dataset", "pascal_context", "--data-root", str(pascal_root), "--workers", "2")
     assert res.returncode == 0, res.stderr
-    assert "4,998" in res.stdout and "5,105" in res.stdout and "ok" in res.stdout and res.stderr == ""
+    assert "4,998" in res.stdout and "5,105" in res.stdout and res.stderr == ""
+    # the fixture lists a few ids per split: readable, but never reported as the full download
+    assert "ok, partial: every file of" in res.stdout, res.stdout
+    assert "train lists 2 of the full download's 4,998 ids, val lists 1 of the full download's 5,105 ids" in \
+        " ".join(res.stdout.split()), res.stdout
     # break three files: a deleted label, a truncated JPEG, a saliency map of the wrong size
     (pascal_root / "normals_distill" / "2008_000002.png").unlink()
     jpg = pascal_root / "JPEGImages" / "2008_000003.jpg"

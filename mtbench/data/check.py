@@ -44,6 +44,12 @@ class CheckReport:
     def ok(self) -> bool:
         return not self.problems
 
+    @property
+    def short(self) -> dict[str, tuple[int, int]]:
+        """``{split: (ids listed, ids of the full download)}`` for every split that lists fewer ids than the full
+        download: a partial or subset download, readable but not the papers' evaluation set."""
+        return {s: (self.ids.get(s, 0), n) for s, n in self.expected.items() if self.ids.get(s, 0) < n}
+
 
 def check_dataset(name: str, root: str | os.PathLike | None, *, workers: int | None = None,
                   on_progress: Callable[[int, int], None] | None = None) -> CheckReport:
