@@ -159,9 +159,9 @@ def main() -> None:
         t, i = statistics.median(times[s]), statistics.median(inf[s])
         sp_t = (max(times[s]) - min(times[s])) / t
         sp_i = (max(inf[s]) - min(inf[s])) / i
-        ratios[s] = {"train": t / base_t, "inference": i / base_i, "memory": mem[s] / base_m}
-        print(f"| {s} | {t:.2f} | {t / base_t:.2f} | ±{50 * sp_t:.0f}% | {i:.2f} | {i / base_i:.2f} "
-              f"| ±{50 * sp_i:.0f}% | {mem[s] / 2**20:.0f} | {mem[s] / base_m:.2f} |")
+        r = ratios[s] = {"train": t / base_t, "inference": i / base_i, "memory": mem[s] / base_m}
+        print(f"| {s} | {t:.2f} | {r['train']:.2f} | ±{50 * sp_t:.0f}% | {i:.2f} | {r['inference']:.2f} "
+              f"| ±{50 * sp_i:.0f}% | {mem[s] / 2**20:.0f} | {r['memory']:.2f} |")
     rows = verdict(ratios)
     if rows:
         setting = "" if all(getattr(args, k) == v for k, v in TARGET_SETTING.items()) else (
