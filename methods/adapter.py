@@ -80,7 +80,11 @@ class AdapterConfig(MethodConfig):
     ],
 )
 class Adapter(MultiTaskModel):
-    """Frozen Swin + Houlsby adapters (module docstring). Shapes: images ``[B,3,H,W]`` -> ``{task: [B,C_t,H,W]}``."""
+    """Frozen Swin + Houlsby adapters (module docstring). Shapes: images ``[B,3,H,W]`` -> ``{task: [B,C_t,H,W]}``.
+
+    Raises:
+        MtbenchError: ``C // reduction`` is 0 at some stage (:func:`mtbench.adapters.bottleneck_width`).
+    """
 
     def __init__(self, backbone, tasks, cfg: AdapterConfig):
         super().__init__(backbone, tasks)

@@ -181,7 +181,8 @@ class Polyhistor(MultiTaskModel):
     Shapes: images ``[B,3,H,W]`` -> ``{task: [B,C_t,H,W]}``.
 
     Raises:
-        MtbenchError: (Lite) a stage width that is not a multiple of the smallest width.
+        MtbenchError: (Lite) a stage width that is not a multiple of the smallest width; a ``reduction_factor``
+            above the smallest width (bottleneck 0, :func:`mtbench.adapters.bottleneck_width`).
     """
 
     def __init__(self, backbone, tasks, cfg: PolyhistorConfig):

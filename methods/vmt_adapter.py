@@ -77,12 +77,15 @@ class VMTAdapterBlock(BlockExtension):
     Args:
         dim: block width ``C``.
         tasks: task names.
-        reduction: bottleneck ``C / reduction``.
+        reduction: bottleneck ``C // reduction``.
         lite: tie ``W_up = W_downᵀ``.
         lite_scale: output scale of the Lite adapter.
 
     Shapes: hooks see NHWC ``[B, H, W, C]`` (the generic stream); the last block of a stage returns
     ``[(1+T)*B, H, W, C]``.
+
+    Raises:
+        MtbenchError: ``C // reduction`` is 0 (:func:`mtbench.adapters.bottleneck_width`).
     """
 
     def __init__(self, dim: int, tasks: list[str], reduction: int, lite: bool, lite_scale: float):
