@@ -104,15 +104,37 @@ def cost_points(results_dir: str | Path, dataset: str, reported: bool = False) -
     return pd.DataFrame(rows), "; ".join(sorted(devices)) or "no profiles"
 
 
+#: Markers of the cost plots; 7 is coprime with the 10 colours of ``tab10``, so :func:`method_styles` gives
+#: ``10 * 7 = 70`` distinct (colour, marker) pairs.
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+
+
+def method_styles(methods: list[str]) -> dict[str, tuple[tuple[float, float, float], str]]:
+    """``{method: (RGB colour, marker)}`` for the legend of a cost plot, in the order given: method ``i`` gets colour
+    ``i mod 10`` and marker ``i mod 7``, so no two of the first 70 methods share both (the registry has 24 names).
+    Two methods ten places apart share a colour and differ in marker.
+
+    Raises:
+        MtbenchError: more than 70 methods (their styles would repeat).
+    """
+    import seaborn as sns
+
+    palette = sns.color_palette("tab10")  # 10 RGB tuples
+    if len(methods) > len(palette) * len(MARKERS):
+        raise MtbenchError(f"cannot give {len(methods)} methods distinct plot styles; at most "
+                           f"{len(palette) * len(MARKERS)} (plot fewer result directories)")
+    return {m: (palette[i % len(palette)], MARKERS[i % len(MARKERS)]) for i, m in enumerate(methods)}
+
+
 def plot_cost(points: pd.DataFrame, x: str, dataset: str, device: str, out_dir: str | Path) -> list[Path]:
     """Draw Δm against one cost axis and write ``pareto_{dataset}_{x}.png`` and ``.pdf`` under ``out_dir``.
 
-    Measured points are filled, reported ones hollow and labelled "(reported)"; each method has its own colour and
-    marker, and the configurations of one method (e.g. its ranks) are joined by a line in order of cost. The Pareto
-    front of the measured points is drawn as a step line and its members labelled.
+    Measured points are filled, reported ones hollow and labelled "(reported)"; each method has its own (colour,
+    marker) pair (:func:`method_styles`), and the configurations of one method (e.g. its ranks) are joined by a line
+    in order of cost. The Pareto front of the measured points is drawn as a step line and its members labelled.
 
     Raises:
-        MtbenchError: unknown axis, or no point with both Δm and this cost.
+        MtbenchError: unknown axis, no point with both Δm and this cost, or more than 70 methods.
     """
     import matplotlib
 
@@ -130,9 +152,7 @@ def plot_cost(points: pd.DataFrame, x: str, dataset: str, device: str, out_dir: 
         raise MtbenchError(f"no point has both Δm and {col} for dataset {dataset!r} (run `mtbench profile` for the "
                            "methods' costs, and train them for Δm)")
     methods = list(dict.fromkeys(pts["method"]))
-    palette = sns.color_palette("tab10", max(len(methods), 3))
-    markers = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
-    style = {m: (palette[i % len(palette)], markers[i % len(markers)]) for i, m in enumerate(methods)}
+    style = method_styles(methods)
     sns.set_theme(style="whitegrid")
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for m in methods:

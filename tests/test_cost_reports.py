@@ -27,6 +27,24 @@ def test_pareto_front_keeps_equal_points_and_handles_one_point():
     assert pareto_front([]) == []
 
 
+def test_each_plotted_method_gets_its_own_colour_and_marker():
+    """The reference results plot 20 methods: with one 10-step cycle of colours and markers, tadformer was drawn as
+    compacter and single_task as ditask. Every registered name, and every method of the reference plot, now gets a
+    (colour, marker) pair of its own; methods ten places apart share a colour, not a marker."""
+    from mtbench.errors import MtbenchError
+    from mtbench.pareto import cost_points, method_styles
+    from mtbench.registry import valid_names
+
+    for methods in (valid_names(), list(dict.fromkeys(cost_points(REFERENCE, "synthetic")[0]["method"]))):
+        assert len(methods) > 10
+        styles = method_styles(methods)
+        assert len(set(styles.values())) == len(methods), styles
+        assert styles[methods[0]][0] == styles[methods[10]][0] and styles[methods[0]][1] != styles[methods[10]][1]
+    assert len(set(method_styles([f"m{i}" for i in range(70)]).values())) == 70
+    with pytest.raises(MtbenchError, match="cannot give 71 methods distinct plot styles; at most 70"):
+        method_styles([f"m{i}" for i in range(71)])
+
+
 @pytest.fixture(scope="module")
 def results_with_profile(tmp_path_factory):
     """The reference results plus a real profile of lora on the embedded setting (memory filled by hand, since the
