@@ -744,7 +744,7 @@ def interaction_cost_cmd(
     tasks: str = typer.Option("2..8", help="numbers of tasks: A..B or a comma list"),
     sizes: str = typer.Option("448x448,448x576", help="input sizes HxW (PASCAL-Context 448x448, NYUD 448x576)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    repeats: int = typer.Option(2, help="timed forward calls per point (median), after one warm-up"),
+    repeats: int = typer.Option(5, help="timed forward calls per point (median), after one warm-up"),
     out: str = typer.Option("reports/figures/inter_task_cost", help="output stem: writes STEM.json and STEM.png"),
 ) -> None:
     """FLOPs (fvcore GMACs and GFLOPs = 2 x GMACs) and latency of inter-task interaction stages versus the number of
