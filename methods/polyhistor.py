@@ -193,15 +193,16 @@ class Polyhistor(MultiTaskModel):
         depths = backbone.depths
         self.offsets = [sum(depths[:i]) for i in range(len(depths))]
         d0 = dims[0]
-        b0 = bottleneck_width(d0, cfg.reduction_factor, "polyhistor", "reduction_factor")  # d0: the narrowest stage
+        #: per stage, the bottleneck ``C // reduction_factor`` of a full-width adapter
+        self.widths = [bottleneck_width(d, cfg.reduction_factor, "polyhistor", "reduction_factor") for d in dims]
         if cfg.lite:
             bad = [d for d in dims if d % d0]
             if bad:
                 raise MtbenchError(f"polyhistor_lite: stage widths {dims} are not multiples of the smallest {d0}")
-            heads = _factor_heads(None, d0, b0, cfg.rank)
+            heads = _factor_heads(None, d0, self.widths[0], cfg.rank)
         else:
             heads = {name: shape for stage, dim in enumerate(dims)
-                     for name, shape in _factor_heads(stage, dim, dim // cfg.reduction_factor, cfg.rank).items()}
+                     for name, shape in _factor_heads(stage, dim, self.widths[stage], cfg.rank).items()}
         self.task_embeddings = TaskEmbeddings(self.task_names, cfg.embedding_dim)
         self.hypernet = HyperNetwork(self.task_embeddings, sum(depths), heads, hidden=cfg.hidden_dim,
                                      proj_dim=cfg.projected_dim)
@@ -215,7 +216,7 @@ class Polyhistor(MultiTaskModel):
         dim, d0 = int(block.dim), self.backbone.stage_dims[0]
         if self.cfg.lite:
             n = dim // d0
-            return PolyhistorAdapters(self.hypernet, self.offsets[stage] + index, None, dim,
-                                      d0 // self.cfg.reduction_factor * n, n, self.task_names)
-        return PolyhistorAdapters(self.hypernet, self.offsets[stage] + index, stage, dim,
-                                  dim // self.cfg.reduction_factor, 0, self.task_names)
+            return PolyhistorAdapters(self.hypernet, self.offsets[stage] + index, None, dim, self.widths[0] * n, n,
+                                      self.task_names)
+        return PolyhistorAdapters(self.hypernet, self.offsets[stage] + index, stage, dim, self.widths[stage], 0,
+                                  self.task_names)
