@@ -126,12 +126,16 @@ def method_styles(methods: list[str]) -> dict[str, tuple[tuple[float, float, flo
     return {m: (palette[i % len(palette)], MARKERS[i % len(MARKERS)]) for i, m in enumerate(methods)}
 
 
-def plot_cost(points: pd.DataFrame, x: str, dataset: str, device: str, out_dir: str | Path) -> list[Path]:
-    """Draw Δm against one cost axis and write ``pareto_{dataset}_{x}.png`` and ``.pdf`` under ``out_dir``.
+def cost_figure(points: pd.DataFrame, x: str, dataset: str, device: str):
+    """Draw Δm against one cost axis and return the matplotlib ``Figure`` (the caller saves and closes it).
 
-    Measured points are filled, reported ones hollow and labelled "(reported)"; each method has its own (colour,
-    marker) pair (:func:`method_styles`), and the configurations of one method (e.g. its ranks) are joined by a line
-    in order of cost. The Pareto front of the measured points is drawn as a step line and its members labelled.
+    Measured points are filled, reported ones hollow and labelled "(reported)"; the configurations of one method
+    (e.g. its ranks) are joined by a line in order of cost. The Pareto front of the measured points is drawn as a step
+    line and its members labelled; adjustText moves the labels off each other and off the markers, in a fixed number of
+    iterations (adjustText's default is a 1 s time limit, which makes the figure depend on the machine).
+
+    Each method's (colour, marker) pair (:func:`method_styles`) is chosen over *all* methods in ``points``, not only
+    those with this axis's cost, so a method looks the same in the four figures of one ``mtbench plot``.
 
     Raises:
         MtbenchError: unknown axis, no point with both Δm and this cost, or more than 70 methods.
@@ -141,20 +145,22 @@ def plot_cost(points: pd.DataFrame, x: str, dataset: str, device: str, out_dir: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import seaborn as sns
-
-    from mtbench.results import atomic_write_bytes
+    from adjustText import adjust_text
 
     if x not in AXES:
         raise MtbenchError(f"unknown --x {x!r}; valid: {', '.join(AXES)}")
     col, xlabel = AXES[x]
+    style = method_styles(list(dict.fromkeys(points["method"])))
     pts = points.dropna(subset=[col, "delta_m"])
     if pts.empty:
         raise MtbenchError(f"no point has both Δm and {col} for dataset {dataset!r} (run `mtbench profile` for the "
                            "methods' costs, and train them for Δm)")
     methods = list(dict.fromkeys(pts["method"]))
-    style = method_styles(methods)
     sns.set_theme(style="whitegrid")
     fig, ax = plt.subplots(figsize=(7.5, 5))
+    if x == "tp" or (pts[col] > 0).all() and pts[col].max() / max(pts[col].min(), 1e-12) > 30:
+        ax.set_xscale("log")  # before the labels, which adjustText places in display coordinates
+    labels = []
     for m in methods:
         color, marker = style[m]
         for rep in (False, True):
@@ -165,20 +171,17 @@ def plot_cost(points: pd.DataFrame, x: str, dataset: str, device: str, out_dir: 
                 ax.plot(g[col], g["delta_m"], color=color, lw=1, ls="--" if rep else "-", alpha=0.7)
             ax.scatter(g[col], g["delta_m"], s=60, marker=marker, label=f"{m}{' (reported)' if rep else ''}",
                        facecolors="none" if rep else color, edgecolors=color, linewidths=1.5, zorder=3)
-            if rep:
-                for _, r in g.iterrows():
-                    ax.annotate(r["label"].split(" [")[0] + " (reported)", (r[col], r["delta_m"]), fontsize=6,
-                                xytext=(4, -8), textcoords="offset points", color=color)
+            if rep:  # one label per name and point (a row two tables print alike is drawn once)
+                for (name, x_, y_), _ in g.groupby([g["label"].str.split(" [", regex=False).str[0], col, "delta_m"],
+                                                   sort=False):
+                    labels.append(ax.text(x_, y_, f"{name} (reported)", fontsize=6, color=color))
     measured = pts[~pts["reported"]].reset_index(drop=True)
     if len(measured):
         idx = pareto_front(list(zip(measured[col], measured["delta_m"])))
         front = measured.loc[idx]
         ax.step(front[col], front["delta_m"], where="post", color="black", lw=1.2, alpha=0.6,
                 label="Pareto front (measured)")
-        for _, r in front.iterrows():
-            ax.annotate(r["label"], (r[col], r["delta_m"]), fontsize=8, xytext=(5, 4), textcoords="offset points")
-    if x == "tp" or (pts[col] > 0).all() and pts[col].max() / max(pts[col].min(), 1e-12) > 30:
-        ax.set_xscale("log")
+        labels += [ax.text(r[col], r["delta_m"], r["label"], fontsize=8) for _, r in front.iterrows()]
     ax.set_xlabel(xlabel)
     ax.set_ylabel("Δm (%) vs single-task")
     ax.set_title(f"{dataset}: Δm vs {x} — {device}", fontsize=9)
@@ -189,14 +192,33 @@ def plot_cost(points: pd.DataFrame, x: str, dataset: str, device: str, out_dir: 
     else:
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    out_dir = Path(out_dir)
+    if labels:  # after the layout, so the labels are placed in the final axes
+        # away from every marker; a fixed number of steps, not adjustText's default 1 s, so the figure is the same
+        adjust_text(labels, x=pts[col].to_numpy(), y=pts["delta_m"].to_numpy(), ax=ax, iter_lim=500,
+                    force_static=(0.5, 1.0), expand=(1.3, 1.8),
+                    arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.5})
+    return fig
+
+
+def plot_cost(points: pd.DataFrame, x: str, dataset: str, device: str, out_dir: str | Path) -> list[Path]:
+    """Draw Δm against one cost axis (:func:`cost_figure`) and write ``pareto_{dataset}_{x}.png`` and ``.pdf``
+    under ``out_dir``, each atomically.
+
+    Raises:
+        MtbenchError: as :func:`cost_figure`.
+    """
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from mtbench.results import atomic_write_bytes
+
+    fig = cost_figure(points, x, dataset, device)
     paths = []
     for ext in ("png", "pdf"):
-        import io
-
         buf = io.BytesIO()
         fig.savefig(buf, format=ext, dpi=110)
-        path = out_dir / f"pareto_{dataset}_{x}.{ext}"
+        path = Path(out_dir) / f"pareto_{dataset}_{x}.{ext}"
         atomic_write_bytes(path, buf.getvalue())
         paths.append(path)
     plt.close(fig)

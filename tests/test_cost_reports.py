@@ -45,6 +45,49 @@ def test_each_plotted_method_gets_its_own_colour_and_marker():
         method_styles([f"m{i}" for i in range(71)])
 
 
+def _legend_styles(fig) -> dict[str, tuple]:
+    """{legend label: (face colour RGBA, marker outline vertices)} of a cost figure's scatters."""
+    return {c.get_label(): (tuple(c.get_facecolor()[0]), c.get_paths()[0].vertices.round(6).tobytes())
+            for c in fig.axes[0].collections if not c.get_label().startswith("_")}
+
+
+def test_a_method_keeps_its_style_in_all_four_figures_and_front_labels_stay_apart():
+    """Styles were chosen among the methods with a cost on each axis, so a method changed colour and marker between
+    figures (lora: purple triangle by #TP, red diamond by latency, since three methods have no profile). The front
+    labels were offset by a fixed amount, so "lora (share=dedicated)" ran over "ditask". Now every method keeps one
+    style, and adjustText moves the labels off each other and off every marker, the same way on every run."""
+    import itertools
+
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from mtbench.pareto import cost_figure, cost_points
+
+    points, device = cost_points(REFERENCE, "synthetic")
+    styles, texts = {}, {}
+    for x in ("tp", "gflops", "memory", "latency"):
+        fig = cost_figure(points, x, "synthetic", device)
+        styles[x] = _legend_styles(fig)
+        ax = fig.axes[0]
+        fig.canvas.draw()
+        boxes = [t.get_window_extent(fig.canvas.get_renderer()) for t in ax.texts]
+        assert len(boxes) >= 3, x  # the front's members are labelled
+        for (a, ba), (b, bb) in itertools.combinations(zip(ax.texts, boxes), 2):
+            assert not ba.overlaps(bb), (x, a.get_text(), b.get_text())
+        markers = ax.transData.transform(np.concatenate([c.get_offsets() for c in ax.collections]))
+        for t, box in zip(ax.texts, boxes):
+            assert not any(box.contains(*m) for m in markers), (x, t.get_text())
+        texts[x] = [(t.get_text(), t.get_position()) for t in ax.texts]
+        plt.close(fig)
+    assert "lora" in styles["latency"] and len(styles["latency"]) < len(styles["tp"])  # fewer methods by latency
+    for x in ("gflops", "memory", "latency"):
+        for label, style in styles[x].items():
+            assert style == styles["tp"][label], (x, label)
+    fig = cost_figure(points, "tp", "synthetic", device)  # the label placement does not depend on time
+    assert [(t.get_text(), t.get_position()) for t in fig.axes[0].texts] == texts["tp"]
+    plt.close(fig)
+
+
 @pytest.fixture(scope="module")
 def results_with_profile(tmp_path_factory):
     """The reference results plus a real profile of lora on the embedded setting (memory filled by hand, since the
