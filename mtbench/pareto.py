@@ -11,10 +11,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from mtbench.errors import MtbenchError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 #: The x axes ``mtbench plot --x`` knows: column, axis label with unit, file suffix.
 AXES = {
@@ -126,7 +130,7 @@ def method_styles(methods: list[str]) -> dict[str, tuple[tuple[float, float, flo
     return {m: (palette[i % len(palette)], MARKERS[i % len(MARKERS)]) for i, m in enumerate(methods)}
 
 
-def cost_figure(points: pd.DataFrame, x: str, dataset: str, device: str):
+def cost_figure(points: pd.DataFrame, x: str, dataset: str, device: str) -> Figure:
     """Draw Δm against one cost axis and return the matplotlib ``Figure`` (the caller saves and closes it).
 
     Measured points are filled, reported ones hollow and labelled "(reported)"; the configurations of one method
