@@ -136,7 +136,7 @@ def cost_figure(points: pd.DataFrame, x: str, dataset: str, device: str) -> Figu
     Measured points are filled, reported ones hollow and labelled "(reported)"; the configurations of one method
     (e.g. its ranks) are joined by a line in order of cost. The Pareto front of the measured points is drawn as a step
     line and its members labelled; adjustText moves the labels off each other and off the markers, in a fixed number of
-    iterations (adjustText's default is a 1 s time limit, which makes the figure depend on the machine).
+    iterations (its default 1 s time limit would make where they go depend on the machine's speed).
 
     Each method's (colour, marker) pair (:func:`method_styles`) is chosen over *all* methods in ``points``, not only
     those with this axis's cost, so a method looks the same in the four figures of one ``mtbench plot``.
@@ -197,7 +197,7 @@ def cost_figure(points: pd.DataFrame, x: str, dataset: str, device: str) -> Figu
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     if labels:  # after the layout, so the labels are placed in the final axes
-        # away from every marker; a fixed number of steps, not adjustText's default 1 s, so the figure is the same
+        # away from every marker; a fixed number of steps, not adjustText's default 1 s, so runs agree
         adjust_text(labels, x=pts[col].to_numpy(), y=pts["delta_m"].to_numpy(), ax=ax, iter_lim=500,
                     force_static=(0.5, 1.0), expand=(1.3, 1.8),
                     arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.5})
